@@ -1,0 +1,108 @@
+// CPU implementations of the divergence ops: tensor checks, output allocation, and the
+// choice of the instruction-set build of the row kernels (divergence_kernel.cpp).
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "../ops_common.h"
+#include "divergence_kernel.h"
+
+namespace pykernels {
+namespace cpu {
+namespace {
+
+using ForwardKernel = void (*)(const DivForwardArgs&);
+using BackwardKernel = void (*)(const DivBackwardArgs&);
+
+struct KernelSet {
+  ForwardKernel forward;
+  BackwardKernel backward;
+};
+
+// Same detection as ATen's own kernels (it honours ATEN_CPU_CAPABILITY as well).
+KernelSet pick_kernels() {
+#if defined(PYKERNELS_HAVE_AVX_KERNELS)
+  const std::string cap = at::get_cpu_capability();
+  if (cap == "AVX512") return {AVX512::divergence_forward_kernel, AVX512::divergence_backward_kernel};
+  if (cap == "AVX2") return {AVX2::divergence_forward_kernel, AVX2::divergence_backward_kernel};
+#endif
+  return {DEFAULT::divergence_forward_kernel, DEFAULT::divergence_backward_kernel};
+}
+
+const KernelSet& kernels() {
+  static const KernelSet set = pick_kernels();
+  return set;
+}
+
+RowsView rows_view(const at::Tensor& x) { return {x.const_data_ptr(), x.stride(0), x.stride(1)}; }
+
+std::tuple<at::Tensor, at::Tensor> divergence_forward_cpu(const at::Tensor& student,
+                                                          const at::Tensor& teacher,
+                                                          const std::optional<at::Tensor>& row_valid,
+                                                          int64_t kind, double w,
+                                                          double inv_temperature) {
+  check_divergence_inputs(student, teacher, row_valid, kind, c10::DeviceType::CPU);
+  const int64_t B = student.size(0), T = student.size(1), V = student.size(2), N = B * T;
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor row_loss = at::empty({N}, f32);
+  at::Tensor stats = at::empty({N, math::kStatsWidth}, f32);
+  if (N == 0) return {row_loss, stats};
+  DivForwardArgs args{student.scalar_type(),
+                      B,
+                      T,
+                      V,
+                      rows_view(student),
+                      rows_view(teacher),
+                      row_valid ? row_valid->const_data_ptr<bool>() : nullptr,
+                      math::make_div_params(kind, w),
+                      static_cast<float>(inv_temperature),
+                      row_loss.mutable_data_ptr<float>(),
+                      stats.mutable_data_ptr<float>()};
+  kernels().forward(args);
+  return {row_loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> divergence_backward_cpu(
+    const at::Tensor& grad_row, const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& row_valid, const at::Tensor& stats, int64_t kind, double w,
+    double inv_temperature, bool student_grad, bool teacher_grad) {
+  check_divergence_inputs(student, teacher, row_valid, kind, c10::DeviceType::CPU);
+  const int64_t B = student.size(0), T = student.size(1), V = student.size(2), N = B * T;
+  check_backward_inputs(grad_row, stats, N);
+  at::Tensor grad_s = at::empty(student_grad ? at::IntArrayRef{B, T, V} : at::IntArrayRef{0},
+                                student.options());
+  at::Tensor grad_t = at::empty(teacher_grad ? at::IntArrayRef{B, T, V} : at::IntArrayRef{0},
+                                teacher.options());
+  if (N == 0 || (!student_grad && !teacher_grad)) return {grad_s, grad_t};
+  DivBackwardArgs args{student.scalar_type(),
+                       B,
+                       T,
+                       V,
+                       rows_view(student),
+                       rows_view(teacher),
+                       row_valid ? row_valid->const_data_ptr<bool>() : nullptr,
+                       math::make_div_params(kind, w),
+                       static_cast<float>(inv_temperature),
+                       grad_row.const_data_ptr<float>(),
+                       stats.const_data_ptr<float>(),
+                       student_grad ? grad_s.mutable_data_ptr() : nullptr,
+                       teacher_grad ? grad_t.mutable_data_ptr() : nullptr};
+  kernels().backward(args);
+  return {grad_s, grad_t};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace pykernels
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  using namespace pykernels;
+  m.impl("divergence_forward", &divergence_forward_nd<cpu::divergence_forward_cpu>);
+  m.impl("divergence_backward", &divergence_backward_nd<cpu::divergence_backward_cpu>);
+}

@@ -1,0 +1,29 @@
+// Op schemas of the pykernels library and the Python module entry point.
+//
+// Schemas live here once; CPU and CUDA kernels register implementations for them with
+// TORCH_LIBRARY_IMPL in their own files, and pykernels/_registry.py adds fake tensors and
+// autograd from Python. Importing pykernels._C is what loads these registrations.
+#include <Python.h>
+#include <torch/library.h>
+
+// A module with no methods: everything is reached through torch.ops.pykernels.
+// (PyMODINIT_FUNC keeps the symbol visible under -fvisibility=hidden.)
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pykernels C++ ops", -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(pykernels, m) {
+  // Per-row divergence of kernel kind `kind` (pk_math.h DivKind) between softmax(student *
+  // inv_temperature) and softmax(teacher * inv_temperature). Inputs are [B, T, V] views with
+  // unit vocabulary stride; returns (row_loss [B*T] fp32, stats [B*T, 4] fp32).
+  m.def(
+      "divergence_forward(Tensor student, Tensor teacher, Tensor? row_valid, int kind, float w, "
+      "float inv_temperature) -> (Tensor, Tensor)");
+  // Gradients of sum_r grad_row[r] * row_loss[r]; an output not asked for is an empty tensor.
+  m.def(
+      "divergence_backward(Tensor grad_row, Tensor student, Tensor teacher, Tensor? row_valid, "
+      "Tensor stats, int kind, float w, float inv_temperature, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)");
+}

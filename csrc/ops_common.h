@@ -1,0 +1,124 @@
+// Internal argument checks shared by the CPU and CUDA op implementations. User-facing
+// validation (names of public arguments, clear messages) happens in pykernels/_validate.py;
+// these guard the op contract for direct torch.ops callers.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "pk_math.h"
+
+namespace pykernels {
+
+inline void check_divergence_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                                    const std::optional<at::Tensor>& row_valid, int64_t kind,
+                                    c10::DeviceType device_type) {
+  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3,
+              "pykernels: student and teacher must be [B, T, V] views, got ", student.sizes(),
+              " and ", teacher.sizes());
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "pykernels: student ", student.sizes(),
+              " and teacher ", teacher.sizes(), " differ in shape");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "pykernels: student and teacher dtypes differ");
+  const auto dt = student.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "pykernels: logits must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(student.device().type() == device_type && teacher.device() == student.device(),
+              "pykernels: student and teacher must be on the same ", device_type, " device");
+  TORCH_CHECK(student.size(2) >= 1, "pykernels: the vocabulary dimension is empty");
+  TORCH_CHECK(student.size(2) == 1 || (student.stride(2) == 1 && teacher.stride(2) == 1),
+              "pykernels: the vocabulary dimension must have unit stride");
+  TORCH_CHECK(kind >= 0 && kind < math::kNumDivKinds, "pykernels: unknown kernel kind ", kind);
+  if (row_valid) {
+    TORCH_CHECK(row_valid->scalar_type() == at::kBool && row_valid->dim() == 1 &&
+                    row_valid->numel() == student.size(0) * student.size(1) &&
+                    row_valid->is_contiguous() && row_valid->device() == student.device(),
+                "pykernels: row_valid must be a contiguous bool [B*T] tensor on the logits' device");
+  }
+}
+
+inline void check_backward_inputs(const at::Tensor& grad_row, const at::Tensor& stats, int64_t N) {
+  TORCH_CHECK(grad_row.scalar_type() == at::kFloat && grad_row.dim() == 1 &&
+                  grad_row.numel() == N && grad_row.is_contiguous(),
+              "pykernels: grad_row must be a contiguous float32 [B*T] tensor");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == N &&
+                  stats.size(1) == math::kStatsWidth && stats.is_contiguous(),
+              "pykernels: stats must be a contiguous float32 [B*T, 4] tensor");
+}
+
+// Views x and y (same shape [..., V]) as [B, T, V] with unit vocabulary stride, without a
+// copy whenever the leading dims of BOTH tensors merge into at most two strided dims (e.g. a
+// sliced logits[:, :-1]); otherwise (rare) falls back to contiguous copies. Row r of the 3-D
+// view is leading index r in row-major order, so a contiguous [N, V] result has the layout of
+// a contiguous tensor of the original shape.
+inline std::pair<at::Tensor, at::Tensor> as_rows3d(at::Tensor x, at::Tensor y) {
+  TORCH_CHECK(x.dim() >= 1 && x.sizes() == y.sizes(), "pykernels: student ", x.sizes(),
+              " and teacher ", y.sizes(), " must have the same shape [..., V]");
+  const int64_t V = x.size(-1);
+  if (V > 1 && x.stride(-1) != 1) x = x.contiguous();
+  if (V > 1 && y.stride(-1) != 1) y = y.contiguous();
+  struct Group {
+    int64_t size, sx, sy;  // strides of the innermost dim of the group
+  };
+  std::vector<Group> groups;  // innermost group first
+  for (int64_t d = x.dim() - 2; d >= 0; --d) {
+    const int64_t n = x.size(d);
+    if (n == 1) continue;
+    if (!groups.empty()) {
+      Group& g = groups.back();
+      if (x.stride(d) == g.sx * g.size && y.stride(d) == g.sy * g.size) {
+        g.size *= n;
+        continue;
+      }
+    }
+    groups.push_back({n, x.stride(d), y.stride(d)});
+  }
+  if (groups.size() > 2) {
+    return as_rows3d(x.contiguous(), y.contiguous());
+  }
+  const Group inner = groups.empty() ? Group{1, V, V} : groups[0];
+  const Group outer = groups.size() < 2 ? Group{1, inner.sx * inner.size, inner.sy * inner.size}
+                                        : groups[1];
+  const std::vector<int64_t> size{outer.size, inner.size, V};
+  return {x.as_strided(size, {outer.sx, inner.sx, 1}),
+          y.as_strided(size, {outer.sy, inner.sy, 1})};
+}
+
+using DivForwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
+                                                            const std::optional<at::Tensor>&,
+                                                            int64_t, double, double);
+using DivBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const at::Tensor&, int64_t, double, double, bool, bool);
+
+// Registered entry points: [..., V] in, kernels on [B, T, V] views, gradients back in the
+// input's shape (contiguous). One wrapper for every device's kernels.
+template <DivForwardFn Kernel3d>
+std::tuple<at::Tensor, at::Tensor> divergence_forward_nd(const at::Tensor& student,
+                                                         const at::Tensor& teacher,
+                                                         const std::optional<at::Tensor>& row_valid,
+                                                         int64_t kind, double w,
+                                                         double inv_temperature) {
+  auto [s3, t3] = as_rows3d(student, teacher);
+  return Kernel3d(s3, t3, row_valid, kind, w, inv_temperature);
+}
+
+template <DivBackwardFn Kernel3d>
+std::tuple<at::Tensor, at::Tensor> divergence_backward_nd(
+    const at::Tensor& grad_row, const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& row_valid, const at::Tensor& stats, int64_t kind, double w,
+    double inv_temperature, bool student_grad, bool teacher_grad) {
+  auto [s3, t3] = as_rows3d(student, teacher);
+  auto [gs, gt] = Kernel3d(grad_row, s3, t3, row_valid, stats, kind, w, inv_temperature,
+                           student_grad, teacher_grad);
+  if (student_grad) gs = gs.view(student.sizes());
+  if (teacher_grad) gt = gt.view(teacher.sizes());
+  return {gs, gt};
+}
+
+}  // namespace pykernels

@@ -1,0 +1,259 @@
+// Per-element and per-row math shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
+//
+// Everything is written once, generic over a value type V and an `Ops` policy that
+// supplies exp/log1p/select/comparisons: ScalarOps (float) serves CUDA threads and CPU
+// row tails, the CPU kernel supplies an at::vec policy. Formulas follow DESIGN.md
+// ("Math conventions"); the frame is canonical: q = softmax(s) is the student side,
+// p = softmax(t) the teacher side, lq = log q, lp = log p. reverse_kl and
+// skew_reverse_kl are the forward kinds with the two sides swapped (done by the
+// Python dispatch layer), so they have no kernel code of their own.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define PK_HD __host__ __device__ __forceinline__
+#else
+#define PK_HD inline
+#endif
+
+namespace pykernels {
+namespace math {
+
+// Kernel-level divergence kinds (must match pykernels/_dispatch.py KERNEL_KIND).
+enum DivKind : int64_t {
+  kForwardKL = 0,      // KL(p || q)
+  kJSD = 1,            // beta*KL(p||M) + (1-beta)*KL(q||M), M = beta p + (1-beta) q, 0<beta<1
+  kSkewForwardKL = 2,  // KL(p || alpha p + (1-alpha) q)
+  kTVD = 3,            // 1/2 sum |p - q|
+  kHellinger = 4,      // 1/2 sum (sqrt p - sqrt q)^2
+  kNumDivKinds = 5,
+};
+
+// Layout of the per-row stats tensor [N, kStatsWidth] saved for backward.
+constexpr int kStatLseQ = 0;  // log-sum-exp of s (student, after temperature)
+constexpr int kStatLseP = 1;  // log-sum-exp of t (teacher, after temperature)
+constexpr int kStatR0 = 2;    // kind-specific row scalar used by the student gradient
+constexpr int kStatR1 = 3;    // kind-specific row scalar used by the teacher gradient
+constexpr int kStatsWidth = 4;
+
+struct DivParams {
+  int64_t kind;
+  float w;        // beta (jsd) or alpha (skew); unused otherwise
+  float log_w;    // log(w), -inf at w = 0
+  float log_1mw;  // log(1 - w), -inf at w = 1
+};
+
+inline DivParams make_div_params(int64_t kind, double w) {
+  DivParams p;
+  p.kind = kind;
+  p.w = static_cast<float>(w);
+  p.log_w = static_cast<float>(std::log(w));
+  p.log_1mw = static_cast<float>(std::log1p(-w));
+  return p;
+}
+
+// Scalar policy (float). Comparisons return bool; select(c, a, b) = c ? a : b.
+struct ScalarOps {
+  using V = float;
+  using M = bool;
+  static PK_HD float exp(float x) { return ::expf(x); }
+  static PK_HD float log1p(float x) { return ::log1pf(x); }
+  static PK_HD float abs(float x) { return ::fabsf(x); }
+  static PK_HD bool gt(float a, float b) { return a > b; }
+  static PK_HD bool lt(float a, float b) { return a < b; }
+  static PK_HD bool eq(float a, float b) { return a == b; }
+  static PK_HD float select(bool c, float a, float b) { return c ? a : b; }
+  static PK_HD float splat(float x) { return x; }
+};
+
+// x * d with the convention 0 * anything = 0 (0 log 0 = 0, and the -inf - -inf of two
+// zero probabilities); NaN in x still propagates because NaN == 0 is false.
+template <class Ops, class V>
+PK_HD V xmul0(V x, V d) {
+  return Ops::select(Ops::eq(x, Ops::splat(0.f)), Ops::splat(0.f), x * d);
+}
+
+// x / M computed as exp(log x - log M), 0 where x = 0 (so M = 0 never divides).
+template <class Ops, class V>
+PK_HD V ratio0(V x, V lx, V lm) {
+  return Ops::select(Ops::eq(x, Ops::splat(0.f)), Ops::splat(0.f), Ops::exp(lx - lm));
+}
+
+// log(exp(a) + exp(b)) that returns -inf (not NaN) when both are -inf and propagates NaN.
+template <class Ops, class V>
+PK_HD V logaddexp(V a, V b) {
+  const auto a_gt = Ops::gt(a, b);
+  V hi = Ops::select(a_gt, a, b);
+  V lo = Ops::select(a_gt, b, a);
+  const V ninf = Ops::splat(-INFINITY);
+  return Ops::select(Ops::eq(hi, ninf), ninf, hi + Ops::log1p(Ops::exp(lo - hi)));
+}
+
+// log M for the mixture M = w p + (1 - w) q.
+template <class Ops, class V>
+PK_HD V log_mixture(const DivParams& P, V lq, V lp) {
+  return logaddexp<Ops, V>(lp + Ops::splat(P.log_w), lq + Ops::splat(P.log_1mw));
+}
+
+// ---- online log-sum-exp (scalar; the CPU kernel does max then sum over a cached row) ----
+
+// Adds x to the running (max m, scaled sum s). NaN x makes s NaN; -inf leaves both as is.
+PK_HD void lse_push(float& m, float& s, float x) {
+  const float m_new = x > m ? x : m;
+  if (m_new == -INFINITY) return;
+  s = s * ::expf(m - m_new) + ::expf(x - m_new);
+  m = m_new;
+}
+
+// Merges a second running (m2, s2) into (m, s) (associative: tree/warp reductions, vocab shards).
+PK_HD void lse_merge(float& m, float& s, float m2, float s2) {
+  const float m_new = m2 > m ? m2 : m;
+  if (m_new == -INFINITY) {
+    s = s + s2;  // both empty (0) unless a NaN is being carried
+    return;
+  }
+  s = s * ::expf(m - m_new) + s2 * ::expf(m2 - m_new);
+  m = m_new;
+}
+
+PK_HD float lse_value(float m, float s) { return m + ::logf(s); }
+
+// Forward KL straight from the statistics pass (no second pass): with e = exp(t - max_t),
+// KL(p||q) = sum e (t - s) / sum e - lse_p + lse_q. `fkl_cross_term` is one element of the
+// first sum (0 where e = 0, so a -inf teacher entry adds nothing).
+template <class Ops, class V>
+PK_HD V fkl_cross_term(V e_t, V t, V s) {
+  return xmul0<Ops, V>(e_t, t - s);
+}
+PK_HD float fkl_from_cross(float cross, float sum_t, float lse_p, float lse_q) {
+  return cross / sum_t - lse_p + lse_q;
+}
+
+// ---- forward: per-element accumulators, then per-row finalisation ----
+
+// Adds one element's contributions to the three row accumulators of `P.kind`.
+template <class Ops, class V>
+PK_HD void div_accumulate(const DivParams& P, V lq, V lp, V& a0, V& a1, V& a2) {
+  const V q = Ops::exp(lq);
+  const V p = Ops::exp(lp);
+  const V half = Ops::splat(0.5f);
+  switch (P.kind) {
+    case kForwardKL:
+      a0 = a0 + xmul0<Ops, V>(p, lp - lq);  // KL(p||q)
+      break;
+    case kJSD: {
+      const V lm = log_mixture<Ops, V>(P, lq, lp);
+      a0 = a0 + xmul0<Ops, V>(q, lq - lm);  // KL(q||M)
+      a1 = a1 + xmul0<Ops, V>(p, lp - lm);  // KL(p||M)
+      break;
+    }
+    case kSkewForwardKL: {
+      const V lm = log_mixture<Ops, V>(P, lq, lp);
+      a0 = a0 + xmul0<Ops, V>(p, lp - lm);                 // KL(p||M)
+      a1 = a1 + p * ratio0<Ops, V>(q, lq, lm);             // sum p q / M
+      a2 = a2 + p * ratio0<Ops, V>(p, lp, lm);             // sum p^2 / M
+      break;
+    }
+    case kTVD: {
+      const V d = q - p;
+      const V sgn = Ops::select(Ops::gt(d, Ops::splat(0.f)), half,
+                                Ops::select(Ops::lt(d, Ops::splat(0.f)), -half, Ops::splat(0.f)));
+      a0 = a0 + half * Ops::abs(d);
+      a1 = a1 + q * sgn;  // sum q g, g = sign(q - p) / 2
+      a2 = a2 + p * sgn;  // sum p g
+      break;
+    }
+    case kHellinger: {
+      const V d = Ops::exp(half * lp) - Ops::exp(half * lq);
+      a0 = a0 + half * d * d;
+      a1 = a1 + Ops::exp(half * (lp + lq));  // Bhattacharyya coefficient
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Row loss and the two backward row scalars from the summed accumulators.
+PK_HD void div_finalize(const DivParams& P, float a0, float a1, float a2, float& loss, float& r0,
+                        float& r1) {
+  switch (P.kind) {
+    case kForwardKL:
+      loss = a0;
+      r0 = 0.f;
+      r1 = a0;
+      break;
+    case kJSD:
+      loss = P.w * a1 + (1.f - P.w) * a0;
+      r0 = a0;
+      r1 = a1;
+      break;
+    case kSkewForwardKL:
+      loss = a0;
+      r0 = a1;
+      r1 = a0 - P.w * a2;
+      break;
+    case kTVD:
+      loss = a0;
+      r0 = a1;
+      r1 = a2;
+      break;
+    case kHellinger:
+      loss = a0;
+      r0 = a1;
+      r1 = a1;
+      break;
+    default:
+      loss = r0 = r1 = NAN;
+  }
+}
+
+// ---- backward: d loss / d s_i (gq) and d loss / d t_i (gp), per unit upstream gradient ----
+// (the caller multiplies by grad_row / T).
+template <class Ops, class V>
+PK_HD void div_grad(const DivParams& P, V lq, V lp, float r0, float r1, V& gq, V& gp) {
+  const V q = Ops::exp(lq);
+  const V p = Ops::exp(lp);
+  const V half = Ops::splat(0.5f);
+  const V vr0 = Ops::splat(r0), vr1 = Ops::splat(r1);
+  switch (P.kind) {
+    case kForwardKL:
+      gq = q - p;
+      gp = xmul0<Ops, V>(p, lp - lq - vr1);
+      break;
+    case kJSD: {
+      const V lm = log_mixture<Ops, V>(P, lq, lp);
+      gq = Ops::splat(1.f - P.w) * xmul0<Ops, V>(q, lq - lm - vr0);
+      gp = Ops::splat(P.w) * xmul0<Ops, V>(p, lp - lm - vr1);
+      break;
+    }
+    case kSkewForwardKL: {
+      const V lm = log_mixture<Ops, V>(P, lq, lp);
+      const V p_over_m = ratio0<Ops, V>(p, lp, lm);
+      gq = Ops::splat(1.f - P.w) * (q * vr0 - xmul0<Ops, V>(q, p_over_m));
+      gp = xmul0<Ops, V>(p, lp - lm - Ops::splat(P.w) * p_over_m - vr1);
+      break;
+    }
+    case kTVD: {
+      const V d = q - p;
+      const V sgn = Ops::select(Ops::gt(d, Ops::splat(0.f)), half,
+                                Ops::select(Ops::lt(d, Ops::splat(0.f)), -half, Ops::splat(0.f)));
+      gq = q * (sgn - vr0);
+      gp = -(p * (sgn - vr1));
+      break;
+    }
+    case kHellinger: {
+      const V bc = Ops::exp(half * (lp + lq));
+      gq = -half * (bc - q * vr0);
+      gp = -half * (bc - p * vr1);
+      break;
+    }
+    default:
+      gq = gp = Ops::splat(NAN);
+  }
+}
+
+}  // namespace math
+}  // namespace pykernels

@@ -1,0 +1,33 @@
+"""pykernels: fused softmax + divergence kernels over huge vocabularies, from raw logits.
+
+Set TRITON_INTERPRET=1 before importing pykernels to run the Triton kernels on CPU tensors.
+"""
+
+from . import _registry  # noqa: F401  (registers the ops: must come before any use)
+from . import nn
+from ._backend import available_backends
+from .functional import (
+    divergence,
+    forward_kl,
+    hellinger,
+    jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    tvd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "divergence",
+    "forward_kl",
+    "hellinger",
+    "jsd",
+    "nn",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+]

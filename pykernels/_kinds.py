@@ -1,0 +1,47 @@
+"""Public divergence kinds and how each maps onto the five kernel kinds.
+
+Kernels work in one canonical frame: q = softmax(first logits) (the "student side"), p =
+softmax(second logits). The reverse kinds are the forward ones with the two inputs swapped, so
+they need no kernel code of their own; jsd's endpoints are forward and reverse KL exactly
+(TRL / Liger convention). Kernel kind numbers must match csrc/pk_math.h (DivKind).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+FORWARD_KL, JSD, SKEW_FORWARD_KL, TVD, HELLINGER = range(5)
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hellinger")
+
+# The keyword that carries each kind's parameter, and its default.
+KIND_PARAM = {"jsd": ("beta", 0.5), "skew_forward_kl": ("alpha", 0.1), "skew_reverse_kl": ("alpha", 0.1)}
+
+
+class KernelCall(NamedTuple):
+    kind: int  # kernel kind
+    w: float  # beta or alpha in the kernel's frame (0 when unused)
+    swap: bool  # the kernel's "student side" is the teacher
+
+
+def kernel_call(kind: str, param: float | None) -> KernelCall:
+    """Kernel kind, parameter and argument order computing public `kind` (already validated)."""
+    if kind == "forward_kl":
+        return KernelCall(FORWARD_KL, 0.0, False)
+    if kind == "reverse_kl":
+        return KernelCall(FORWARD_KL, 0.0, True)
+    if kind == "jsd":
+        if param == 0.0:
+            return KernelCall(FORWARD_KL, 0.0, False)
+        if param == 1.0:
+            return KernelCall(FORWARD_KL, 0.0, True)
+        return KernelCall(JSD, float(param), False)
+    if kind == "skew_forward_kl":
+        return KernelCall(SKEW_FORWARD_KL, float(param), False)
+    if kind == "skew_reverse_kl":
+        return KernelCall(SKEW_FORWARD_KL, float(param), True)
+    if kind == "tvd":
+        return KernelCall(TVD, 0.0, False)
+    if kind == "hellinger":
+        return KernelCall(HELLINGER, 0.0, False)
+    raise ValueError(f"kind={kind!r} is not one of {KINDS}")

@@ -1,0 +1,170 @@
+"""Op registration in one place: fake tensors and autograd for the C++ ops, the Triton ops
+(torch.library.triton_op), and the per-backend entry `divergence_rows`.
+
+Every kernel backend exposes the same pair of ops (schemas in csrc/ops.cpp):
+  *_divergence_forward(student, teacher, row_valid, kind, w, inv_temperature)
+      -> (row_loss [N] fp32, stats [N, 4] fp32)
+  *_divergence_backward(grad_row, student, teacher, row_valid, stats, kind, w,
+                        inv_temperature, student_grad, teacher_grad) -> (grad_student, grad_teacher)
+with student/teacher of shape [..., V]. Autograd saves only the inputs (no copies) and the
+O(N) stats; backward is a single pass over the logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, _torch_backend
+
+_LIB = "pykernels"
+
+
+def _rows(student: torch.Tensor) -> int:
+    return math.prod(student.shape[:-1])
+
+
+def _fake_forward(student, teacher, row_valid, kind, w, inv_temperature):
+    n = _rows(student)
+    return (
+        student.new_empty((n,), dtype=torch.float32),
+        student.new_empty((n, 4), dtype=torch.float32),
+    )
+
+
+def _fake_backward(grad_row, student, teacher, row_valid, stats, kind, w, inv_temperature,
+                   student_grad, teacher_grad):
+    def grad_like(x, wanted):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if wanted else x.new_empty((0,))
+
+    return grad_like(student, student_grad), grad_like(teacher, teacher_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, row_valid, kind, w, inv_temperature = inputs
+    _, stats = output
+    ctx.save_for_backward(student, teacher, row_valid, stats)
+    ctx.params = (kind, w, inv_temperature)
+    ctx.mark_non_differentiable(stats)
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_row, _grad_stats):
+        student, teacher, row_valid, stats = ctx.saved_tensors
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_s, grad_t = backward_op(
+            grad_row.to(torch.float32).contiguous(), student, teacher, row_valid, stats,
+            *ctx.params, want_s, want_t,
+        )
+        return (grad_s if want_s else None, grad_t if want_t else None, None, None, None, None)
+
+    return backward
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "pykernels: double backward (differentiating a gradient) is not supported by the "
+        "divergence kernels; use backend='torch' if you need higher-order gradients"
+    )
+
+
+def _register_pair(forward_name: str, backward_name: str, fake: bool) -> None:
+    if fake:
+        torch.library.register_fake(f"{_LIB}::{forward_name}")(_fake_forward)
+        torch.library.register_fake(f"{_LIB}::{backward_name}")(_fake_backward)
+    backward_op = getattr(torch.ops.pykernels, backward_name)
+    torch.library.register_autograd(
+        f"{_LIB}::{forward_name}", _autograd_backward(backward_op), setup_context=_setup_context
+    )
+    torch.library.register_autograd(
+        f"{_LIB}::{backward_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
+
+
+if _backend.EXTENSION_ERROR is None:
+    _register_pair("divergence_forward", "divergence_backward", fake=True)
+
+
+# ---------------------------------------------------------------------------- Triton ops
+def rows3d(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, V] views of x, y ([..., V], same shape) with unit vocab stride; the Python twin of
+    as_rows3d in csrc/ops_common.h (the Triton path runs without the extension)."""
+    V = x.shape[-1]
+    if V > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    if V > 1 and y.stride(-1) != 1:
+        y = y.contiguous()
+    groups: list[list[int]] = []  # [size, stride_x, stride_y] of each group's innermost dim
+    for d in range(x.dim() - 2, -1, -1):
+        n = x.shape[d]
+        if n == 1:
+            continue
+        if groups and x.stride(d) == groups[-1][1] * groups[-1][0] and y.stride(d) == groups[-1][2] * groups[-1][0]:
+            groups[-1][0] *= n
+            continue
+        groups.append([n, x.stride(d), y.stride(d)])
+    if len(groups) > 2:
+        return rows3d(x.contiguous(), y.contiguous())
+    inner = groups[0] if groups else [1, V, V]
+    outer = groups[1] if len(groups) == 2 else [1, inner[1] * inner[0], inner[2] * inner[0]]
+    size = (outer[0], inner[0], V)
+    return (x.as_strided(size, (outer[1], inner[1], 1)), y.as_strided(size, (outer[2], inner[2], 1)))
+
+
+HAS_TRITON_OPS = False
+if _backend.HAS_TRITON:
+    from typing import Optional
+
+    from torch.library import triton_op, wrap_triton
+
+    from .triton_kernels import divergence as _triton_divergence
+
+    def _launch_wrapper():
+        # Under the interpreter kernels are plain Python callables that wrap_triton rejects;
+        # eager execution does not need the wrapper anyway (it only matters for tracing).
+        return (lambda kernel: kernel) if _backend.triton_interpret() else wrap_triton
+
+    @triton_op(f"{_LIB}::triton_divergence_forward", mutates_args=())
+    def triton_divergence_forward(
+        student: torch.Tensor, teacher: torch.Tensor, row_valid: Optional[torch.Tensor],
+        kind: int, w: float, inv_temperature: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s3, t3 = rows3d(student, teacher)
+        return _triton_divergence.divergence_forward(
+            s3, t3, row_valid, kind, w, inv_temperature, _wrap=_launch_wrapper()
+        )
+
+    @triton_op(f"{_LIB}::triton_divergence_backward", mutates_args=())
+    def triton_divergence_backward(
+        grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+        row_valid: Optional[torch.Tensor], stats: torch.Tensor, kind: int, w: float,
+        inv_temperature: float, student_grad: bool, teacher_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s3, t3 = rows3d(student, teacher)
+        grad_s, grad_t = _triton_divergence.divergence_backward(
+            grad_row, s3, t3, row_valid, stats, kind, w, inv_temperature, student_grad,
+            teacher_grad, _wrap=_launch_wrapper(),
+        )
+        # The kernels write [B, T, V] contiguous, which is the contiguous layout of the input.
+        if student_grad:
+            grad_s = grad_s.view(student.shape)
+        if teacher_grad:
+            grad_t = grad_t.view(teacher.shape)
+        return grad_s, grad_t
+
+    _register_pair("triton_divergence_forward", "triton_divergence_backward", fake=False)
+    HAS_TRITON_OPS = True
+
+
+def divergence_rows(backend: str, student, teacher, row_valid, kind: int, w: float,
+                    inv_temperature: float) -> torch.Tensor:
+    """Per-row divergence [N] fp32 on the resolved `backend`, differentiable."""
+    if backend == "torch":
+        return _torch_backend.divergence_rows(student, teacher, row_valid, kind, w, inv_temperature)
+    if backend == "triton":
+        op = torch.ops.pykernels.triton_divergence_forward
+    else:  # "cpu" / "cuda": one C++ op, the dispatcher picks the device's kernel
+        op = torch.ops.pykernels.divergence_forward
+    row_loss, _ = op(student, teacher, row_valid, kind, w, inv_temperature)
+    return row_loss

@@ -1,0 +1,83 @@
+"""The eager `torch` backend: the kernels' math in plain PyTorch, differentiated by autograd.
+
+It materialises log-probabilities (several N x V tensors), so it is the fallback and a
+readable statement of what the kernels compute, not a fast path. Conventions match
+csrc/pk_math.h: canonical frame (q = student side, p = teacher side), 0 * log 0 = 0, two -inf
+log-probabilities mix to -inf, NaN inputs stay NaN. Every `where` guards its inputs as well as
+its output so that no NaN leaks into a gradient through the branch that is not taken.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._kinds import FORWARD_KL, HELLINGER, JSD, SKEW_FORWARD_KL, TVD
+
+_NEG_INF = float("-inf")
+
+
+def _xmul0(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x * d, with 0 wherever x == 0 (also when d is infinite or NaN there)."""
+    zero = x == 0
+    return x * torch.where(zero, torch.zeros_like(d), d)
+
+
+def _ratio0(x: torch.Tensor, lx: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """x / M as exp(log x - log M), 0 where x == 0."""
+    zero = x == 0
+    r = torch.exp(torch.where(zero, torch.zeros_like(lx), lx - lm))
+    return torch.where(zero, torch.zeros_like(r), r)
+
+
+def _log_mixture(lq: torch.Tensor, lp: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w p + (1 - w) q); -inf (with a zero gradient) where both terms vanish."""
+    a = lp + (math.log(w) if w > 0 else _NEG_INF)
+    b = lq + (math.log1p(-w) if w < 1 else _NEG_INF)
+    both = (a == _NEG_INF) & (b == _NEG_INF)
+    zero = torch.zeros_like(a)
+    out = torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, b))
+    return torch.where(both, torch.full_like(out, _NEG_INF), out)
+
+
+def _row_terms(kind: int, w: float, lq: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    q, p = lq.exp(), lp.exp()
+    if kind == FORWARD_KL:
+        return _xmul0(p, lp - lq)
+    if kind == JSD:
+        lm = _log_mixture(lq, lp, w)
+        return w * _xmul0(p, lp - lm) + (1 - w) * _xmul0(q, lq - lm)
+    if kind == SKEW_FORWARD_KL:
+        return _xmul0(p, lp - _log_mixture(lq, lp, w))
+    if kind == TVD:
+        return 0.5 * (q - p).abs()
+    if kind == HELLINGER:
+        return 0.5 * ((0.5 * lp).exp() - (0.5 * lq).exp()) ** 2
+    raise ValueError(f"unknown kernel kind {kind}")
+
+
+def divergence_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    row_valid: torch.Tensor | None,
+    kind: int,
+    w: float,
+    inv_temperature: float,
+) -> torch.Tensor:
+    """Per-row divergence [N] (fp32; fp64 for fp64 input) of kernel kind `kind`."""
+    V = student.shape[-1]
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s = student.reshape(-1, V).to(compute) * inv_temperature
+    t = teacher.reshape(-1, V).to(compute) * inv_temperature
+    if row_valid is not None:
+        # Ignored rows are zeroed first so that NaN/-inf logits there cannot reach a gradient.
+        keep = row_valid[:, None]
+        s = torch.where(keep, s, torch.zeros_like(s))
+        t = torch.where(keep, t, torch.zeros_like(t))
+    lq = torch.log_softmax(s, dim=-1)
+    lp = torch.log_softmax(t, dim=-1)
+    rows = _row_terms(kind, w, lq, lp).sum(dim=-1)
+    if row_valid is not None:
+        rows = torch.where(row_valid, rows, torch.zeros_like(rows))
+    return rows

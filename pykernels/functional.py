@@ -1,0 +1,75 @@
+"""Divergence losses between a student's and a teacher's logits, computed by fused kernels that
+never materialise the probabilities.
+
+Common keywords (all functions):
+    temperature: logits are divided by it (the loss is NOT multiplied by T**2, as in TRL).
+    labels, ignore_index: rows whose label equals ignore_index are dropped (add 0, not counted).
+    reduction: "batchmean" (sum / number of kept rows, default), "sum", "mean" (sum / (rows * V)),
+        "none" (per-row losses of the leading shape).
+    num_items_in_batch: replaces the number of kept rows as divisor of batchmean / mean
+        (Hugging Face gradient accumulation); an int or a one-element tensor.
+    backend: "auto", "cpu", "cuda", "triton" or "torch" (see pykernels.available_backends()).
+
+q = softmax(student / T), p = softmax(teacher / T). Logits have shape [..., V] (fp32, fp16 or
+bf16); the loss is fp32 and gradients come back in the logits' dtype, for the teacher too when
+its logits require grad.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._divergence import divergence_loss
+from ._kinds import KIND_PARAM
+
+
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "jsd", *,
+               beta: float | None = None, alpha: float | None = None, temperature: float = 1.0,
+               labels: torch.Tensor | None = None, ignore_index: int = -100,
+               reduction: str = "batchmean", num_items_in_batch=None,
+               backend: str = "auto") -> torch.Tensor:
+    """Divergence of kind `kind` ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+    "skew_reverse_kl", "tvd", "hellinger"); `beta` for jsd, `alpha` for the skew kinds."""
+    param = None
+    if kind in KIND_PARAM:
+        name, default = KIND_PARAM[kind]
+        param = {"beta": beta, "alpha": alpha}[name]
+        param = default if param is None else param
+    return divergence_loss(kind, student_logits, teacher_logits, param, temperature, labels,
+                           ignore_index, reduction, num_items_in_batch, backend)
+
+
+def forward_kl(student_logits, teacher_logits, **common) -> torch.Tensor:
+    """KL(p || q) = sum p (log p - log q): the usual distillation loss."""
+    return divergence(student_logits, teacher_logits, "forward_kl", **common)
+
+
+def reverse_kl(student_logits, teacher_logits, **common) -> torch.Tensor:
+    """KL(q || p), mode-seeking."""
+    return divergence(student_logits, teacher_logits, "reverse_kl", **common)
+
+
+def jsd(student_logits, teacher_logits, beta: float = 0.5, **common) -> torch.Tensor:
+    """Generalised JSD (TRL GKD): with M = beta p + (1 - beta) q,
+    beta KL(p || M) + (1 - beta) KL(q || M). beta = 0 gives forward_kl, beta = 1 reverse_kl."""
+    return divergence(student_logits, teacher_logits, "jsd", beta=beta, **common)
+
+
+def skew_forward_kl(student_logits, teacher_logits, alpha: float = 0.1, **common) -> torch.Tensor:
+    """DistiLLM's skew KL: KL(p || alpha p + (1 - alpha) q)."""
+    return divergence(student_logits, teacher_logits, "skew_forward_kl", alpha=alpha, **common)
+
+
+def skew_reverse_kl(student_logits, teacher_logits, alpha: float = 0.1, **common) -> torch.Tensor:
+    """DistiLLM's skew reverse KL: KL(q || alpha q + (1 - alpha) p)."""
+    return divergence(student_logits, teacher_logits, "skew_reverse_kl", alpha=alpha, **common)
+
+
+def tvd(student_logits, teacher_logits, **common) -> torch.Tensor:
+    """Total variation distance 1/2 sum |p - q| (subgradient sign(0) = 0 at ties)."""
+    return divergence(student_logits, teacher_logits, "tvd", **common)
+
+
+def hellinger(student_logits, teacher_logits, **common) -> torch.Tensor:
+    """Squared Hellinger distance 1/2 sum (sqrt p - sqrt q)^2 = 1 - sum sqrt(p q)."""
+    return divergence(student_logits, teacher_logits, "hellinger", **common)

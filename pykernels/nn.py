@@ -1,0 +1,34 @@
+"""nn.Module wrappers of the functional losses."""
+
+from __future__ import annotations
+
+import torch
+
+from . import functional
+from ._kinds import KINDS
+
+
+class DistillationLoss(torch.nn.Module):
+    """`DistillationLoss(kind="jsd", beta=0.5, temperature=2.0)(student_logits, teacher_logits)`.
+
+    Holds the kind and its keywords (beta / alpha, temperature, ignore_index, reduction, backend);
+    labels and num_items_in_batch are given per call.
+    """
+
+    def __init__(self, kind: str = "forward_kl", **params):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+        allowed = {"beta", "alpha", "temperature", "ignore_index", "reduction", "backend"}
+        unknown = set(params) - allowed
+        if unknown:
+            raise TypeError(f"DistillationLoss got unknown keyword(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        self.kind = kind
+        self.params = params
+
+    def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
+        return functional.divergence(student_logits, teacher_logits, self.kind, labels=labels,
+                                     num_items_in_batch=num_items_in_batch, **self.params)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.params.items()])
