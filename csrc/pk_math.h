@@ -101,6 +101,10 @@ PK_HD V log_mixture(const DivParams& P, V lq, V lp) {
 
 // Adds x to the running (max m, scaled sum s). NaN x makes s NaN; -inf leaves both as is.
 PK_HD void lse_push(float& m, float& s, float x) {
+  if (x != x) {  // NaN: poison the sum even while the running max is still -inf
+    s = x;
+    return;
+  }
   const float m_new = x > m ? x : m;
   if (m_new == -INFINITY) return;
   s = s * ::expf(m - m_new) + ::expf(x - m_new);

@@ -181,7 +181,18 @@ void forward_rows(const DivForwardArgs& a) {
   });
 }
 
+// Writes n fp32 gradient values into the output row: straight for fp32, converted otherwise.
 template <typename scalar_t>
+struct GradRow {
+  scalar_t* out;
+  float* staging;  // fp32 row for reduced-precision outputs
+  float* values() { return std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out) : staging; }
+  void commit(int64_t n) {
+    if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(staging, out, n);
+  }
+};
+
+template <typename scalar_t, bool kStudent, bool kTeacher>
 void backward_rows(const DivBackwardArgs& a) {
   const int64_t N = a.B * a.T, V = a.V;
   const math::DivParams P = a.params;
@@ -191,14 +202,13 @@ void backward_rows(const DivBackwardArgs& a) {
     std::vector<float> scratch(4 * V);
     float* s = scratch.data();
     float* t = s + V;
-    float* gs = t + V;  // fp32 gradient rows, converted to the output dtype at the end
-    float* gt = gs + V;
     for (int64_t r = begin; r < end; ++r) {
-      const bool valid = a.row_valid == nullptr || a.row_valid[r];
-      if (!valid) {
+      GradRow<scalar_t> gs_row{kStudent ? grad_s + r * V : nullptr, t + V};
+      GradRow<scalar_t> gt_row{kTeacher ? grad_t + r * V : nullptr, t + 2 * V};
+      if (a.row_valid != nullptr && !a.row_valid[r]) {
         // Ignored rows get an exact zero gradient, whatever their logits hold.
-        if (grad_s) std::fill(grad_s + r * V, grad_s + (r + 1) * V, scalar_t(0));
-        if (grad_t) std::fill(grad_t + r * V, grad_t + (r + 1) * V, scalar_t(0));
+        if (kStudent) std::fill(gs_row.out, gs_row.out + V, scalar_t(0));
+        if (kTeacher) std::fill(gt_row.out, gt_row.out + V, scalar_t(0));
         continue;
       }
       const float* st = a.stats + r * math::kStatsWidth;
@@ -207,23 +217,25 @@ void backward_rows(const DivBackwardArgs& a) {
       const float scale = a.grad_row[r] * a.inv_t;
       load_scaled(row_ptr<scalar_t>(a.student, a.T, r), s, V, a.inv_t);
       load_scaled(row_ptr<scalar_t>(a.teacher, a.T, r), t, V, a.inv_t);
+      float* gs = kStudent ? gs_row.values() : nullptr;
+      float* gt = kTeacher ? gt_row.values() : nullptr;
       const Vec vlq(lse_q), vlp(lse_p), vscale(scale);
       int64_t i = 0;
       for (; i + kLanes <= V; i += kLanes) {
         Vec gq, gp;
         math::div_grad<VecOps, Vec>(P, Vec::loadu(s + i) - vlq, Vec::loadu(t + i) - vlp, r0, r1,
                                     gq, gp);
-        (gq * vscale).store(gs + i);
-        (gp * vscale).store(gt + i);
+        if (kStudent) (gq * vscale).store(gs + i);
+        if (kTeacher) (gp * vscale).store(gt + i);
       }
       for (; i < V; ++i) {
         float gq, gp;
         math::div_grad<ScalarOps, float>(P, s[i] - lse_q, t[i] - lse_p, r0, r1, gq, gp);
-        gs[i] = gq * scale;
-        gt[i] = gp * scale;
+        if (kStudent) gs[i] = gq * scale;
+        if (kTeacher) gt[i] = gp * scale;
       }
-      if (grad_s) store_row(gs, grad_s + r * V, V);
-      if (grad_t) store_row(gt, grad_t + r * V, V);
+      if (kStudent) gs_row.commit(V);
+      if (kTeacher) gt_row.commit(V);
     }
   });
 }
@@ -248,7 +260,11 @@ struct ForwardFn {
 };
 template <typename scalar_t>
 struct BackwardFn {
-  static void run(const DivBackwardArgs& a) { backward_rows<scalar_t>(a); }
+  static void run(const DivBackwardArgs& a) {
+    if (a.grad_student && a.grad_teacher) return backward_rows<scalar_t, true, true>(a);
+    if (a.grad_student) return backward_rows<scalar_t, true, false>(a);
+    return backward_rows<scalar_t, false, true>(a);
+  }
 };
 
 }  // namespace

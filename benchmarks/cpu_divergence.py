@@ -1,0 +1,157 @@
+"""CPU benchmark of the divergence losses: forward + backward, pykernels' CPU backend against
+eager PyTorch written the way users write it, and torch.compile of that eager code, in one run.
+
+    python -m benchmarks.cpu_divergence [--rows 2048] [--vocab 32000] [--dtypes float32 bfloat16]
+
+Time: median (and 20/80 % quantiles) of wall time over repeated calls after warm-up.
+Memory: peak resident memory of the process during one call beyond what was resident before it
+(Linux: the peak counter VmHWM is reset through /proc/self/clear_refs just before the call), minus
+the returned student gradient; so it is what the call needed on top of its inputs and outputs.
+Results are printed as a table and written to benchmarks/results/cpu/divergence_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import pykernels as pk
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+
+
+# -------------------------------------------------------------------- eager references (users')
+def eager_forward_kl(student, teacher, temperature=1.0):
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def eager_jsd(student, teacher, beta=0.5, temperature=1.0):
+    """The generalised JSD as TRL's GKD trainer computes it (mixture in log space)."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    beta_t = torch.tensor(beta, dtype=log_q.dtype)
+    log_m = torch.logsumexp(
+        torch.stack([log_q + torch.log(1 - beta_t), log_p + torch.log(beta_t)]), dim=0
+    )
+    kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True)
+    kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True)
+    return (beta_t * kl_p + (1 - beta_t) * kl_q).sum() / student.shape[0]
+
+
+OPS = {
+    "forward_kl": (eager_forward_kl, lambda s, t: pk.forward_kl(s, t, backend="cpu")),
+    "jsd": (eager_jsd, lambda s, t: pk.jsd(s, t, beta=0.5, backend="cpu")),
+}
+
+
+# ------------------------------------------------------------------------------- measurement
+def _status_kb(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def _fwd_bwd(fn, student, teacher):
+    student.grad = None
+    loss = fn(student, teacher)
+    loss.backward()
+    return loss
+
+
+def measure(fn, student, teacher, min_reps: int = 3, min_seconds: float = 2.0) -> dict:
+    _fwd_bwd(fn, student, teacher)  # warm-up (and compilation for torch.compile)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        _fwd_bwd(fn, student, teacher)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 20:
+            break
+    # Peak memory of one call, beyond what is resident before it and the gradient it returns.
+    student.grad = None
+    gc.collect()
+    rss_before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    _fwd_bwd(fn, student, teacher)
+    peak = _status_kb("VmHWM")
+    grad_kb = student.grad.numel() * student.grad.element_size() / 1024
+    extra_mb = max(0.0, (peak - rss_before - grad_kb) / 1024)
+    q20, q50, q80 = (statistics.quantiles(times, n=10)[i] for i in (1, 4, 7)) if len(times) > 1 else (times[0],) * 3
+    return {"median_ms": 1e3 * statistics.median(times), "q20_ms": 1e3 * q20, "q80_ms": 1e3 * q80,
+            "reps": len(times), "extra_peak_mb": extra_mb}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:  # not a checkout
+        return "unknown"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/cpu/...)")
+    args = parser.parse_args(argv)
+
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator().manual_seed(0)
+        student = (2 * torch.randn(args.rows, args.vocab, generator=gen)).to(dtype).requires_grad_()
+        teacher = (2 * torch.randn(args.rows, args.vocab, generator=gen)).to(dtype)
+        for op in args.ops:
+            eager, ours = OPS[op]
+            providers = {"pykernels-cpu": ours, "eager": eager}
+            if not args.no_compile:
+                providers["torch.compile"] = torch.compile(eager, dynamic=False)
+            for name, fn in providers.items():
+                result = measure(fn, student, teacher)
+                result.update(op=op, dtype=dtype_name, provider=name, rows=args.rows, vocab=args.vocab)
+                rows.append(result)
+                print(f"{op:11s} {dtype_name:9s} {name:14s} {result['median_ms']:9.1f} ms "
+                      f"(q20 {result['q20_ms']:.1f}, q80 {result['q80_ms']:.1f})  "
+                      f"extra peak {result['extra_peak_mb']:8.1f} MB", flush=True)
+            torch._dynamo.reset()
+
+    print("\nratios (same run): time of eager / compiled over pykernels-cpu; memory as % of eager")
+    for dtype_name in args.dtypes:
+        for op in args.ops:
+            sel = {r["provider"]: r for r in rows if r["op"] == op and r["dtype"] == dtype_name}
+            ours = sel["pykernels-cpu"]
+            line = f"{op:11s} {dtype_name:9s} vs eager {sel['eager']['median_ms'] / ours['median_ms']:5.2f}x"
+            if "torch.compile" in sel:
+                line += f"  vs compile {sel['torch.compile']['median_ms'] / ours['median_ms']:5.2f}x"
+            eager_mb = sel["eager"]["extra_peak_mb"]
+            if eager_mb > 0:
+                line += f"  memory {100 * ours['extra_peak_mb'] / eager_mb:5.2f}% of eager's"
+            print(line)
+
+    meta = {"machine": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "commit": _git_commit()}
+    out = args.out or RESULTS / f"divergence_{meta['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    print(f"\nwrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
