@@ -1,7 +1,7 @@
 // Per-element and per-row math shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
 //
 // Everything is written once, generic over a value type V and an `Ops` policy that
-// supplies exp/log1p/select/comparisons: ScalarOps (float) serves CUDA threads and CPU
+// supplies exp/log/sqrt/select/comparisons: ScalarOps (float) serves CUDA threads and CPU
 // row tails, the CPU kernel supplies an at::vec policy. Formulas follow DESIGN.md
 // ("Math conventions"); the frame is canonical: q = softmax(s) is the student side,
 // p = softmax(t) the teacher side, lq = log q, lp = log p. reverse_kl and
@@ -40,17 +40,13 @@ constexpr int kStatsWidth = 4;
 
 struct DivParams {
   int64_t kind;
-  float w;        // beta (jsd) or alpha (skew); unused otherwise
-  float log_w;    // log(w), -inf at w = 0
-  float log_1mw;  // log(1 - w), -inf at w = 1
+  float w;  // beta (jsd) or alpha (skew); unused otherwise
 };
 
 inline DivParams make_div_params(int64_t kind, double w) {
   DivParams p;
   p.kind = kind;
   p.w = static_cast<float>(w);
-  p.log_w = static_cast<float>(std::log(w));
-  p.log_1mw = static_cast<float>(std::log1p(-w));
   return p;
 }
 
@@ -59,7 +55,8 @@ struct ScalarOps {
   using V = float;
   using M = bool;
   static PK_HD float exp(float x) { return ::expf(x); }
-  static PK_HD float log1p(float x) { return ::log1pf(x); }
+  static PK_HD float log(float x) { return ::logf(x); }
+  static PK_HD float sqrt(float x) { return ::sqrtf(x); }
   static PK_HD float abs(float x) { return ::fabsf(x); }
   static PK_HD bool gt(float a, float b) { return a > b; }
   static PK_HD bool lt(float a, float b) { return a < b; }
@@ -75,26 +72,18 @@ PK_HD V xmul0(V x, V d) {
   return Ops::select(Ops::eq(x, Ops::splat(0.f)), Ops::splat(0.f), x * d);
 }
 
-// x / M computed as exp(log x - log M), 0 where x = 0 (so M = 0 never divides).
+// x / M, 0 where x = 0 (so a vanishing mixture M = 0 never divides).
 template <class Ops, class V>
-PK_HD V ratio0(V x, V lx, V lm) {
-  return Ops::select(Ops::eq(x, Ops::splat(0.f)), Ops::splat(0.f), Ops::exp(lx - lm));
+PK_HD V ratio0(V x, V m) {
+  return Ops::select(Ops::eq(x, Ops::splat(0.f)), Ops::splat(0.f), x / m);
 }
 
-// log(exp(a) + exp(b)) that returns -inf (not NaN) when both are -inf and propagates NaN.
+// The mixture M = w p + (1 - w) q and its log. M is formed from the probabilities directly
+// (one log instead of a logaddexp's exp + log1p); where both underflow, M = 0 and log M = -inf,
+// and every term that uses it is multiplied by a zero probability (xmul0 / ratio0).
 template <class Ops, class V>
-PK_HD V logaddexp(V a, V b) {
-  const auto a_gt = Ops::gt(a, b);
-  V hi = Ops::select(a_gt, a, b);
-  V lo = Ops::select(a_gt, b, a);
-  const V ninf = Ops::splat(-INFINITY);
-  return Ops::select(Ops::eq(hi, ninf), ninf, hi + Ops::log1p(Ops::exp(lo - hi)));
-}
-
-// log M for the mixture M = w p + (1 - w) q.
-template <class Ops, class V>
-PK_HD V log_mixture(const DivParams& P, V lq, V lp) {
-  return logaddexp<Ops, V>(lp + Ops::splat(P.log_w), lq + Ops::splat(P.log_1mw));
+PK_HD V mixture(const DivParams& P, V q, V p) {
+  return Ops::splat(P.w) * p + Ops::splat(1.f - P.w) * q;
 }
 
 // ---- online log-sum-exp (scalar; the CPU kernel does max then sum over a cached row) ----
@@ -138,26 +127,25 @@ PK_HD float fkl_from_cross(float cross, float sum_t, float lse_p, float lse_q) {
 // ---- forward: per-element accumulators, then per-row finalisation ----
 
 // Adds one element's contributions to the three row accumulators of `P.kind`.
+// lq, lp are the log-probabilities and q = exp(lq), p = exp(lp) (callers often have them).
 template <class Ops, class V>
-PK_HD void div_accumulate(const DivParams& P, V lq, V lp, V& a0, V& a1, V& a2) {
-  const V q = Ops::exp(lq);
-  const V p = Ops::exp(lp);
+PK_HD void div_accumulate(const DivParams& P, V lq, V lp, V q, V p, V& a0, V& a1, V& a2) {
   const V half = Ops::splat(0.5f);
   switch (P.kind) {
     case kForwardKL:
       a0 = a0 + xmul0<Ops, V>(p, lp - lq);  // KL(p||q)
       break;
     case kJSD: {
-      const V lm = log_mixture<Ops, V>(P, lq, lp);
+      const V lm = Ops::log(mixture<Ops, V>(P, q, p));
       a0 = a0 + xmul0<Ops, V>(q, lq - lm);  // KL(q||M)
       a1 = a1 + xmul0<Ops, V>(p, lp - lm);  // KL(p||M)
       break;
     }
     case kSkewForwardKL: {
-      const V lm = log_mixture<Ops, V>(P, lq, lp);
-      a0 = a0 + xmul0<Ops, V>(p, lp - lm);                 // KL(p||M)
-      a1 = a1 + p * ratio0<Ops, V>(q, lq, lm);             // sum p q / M
-      a2 = a2 + p * ratio0<Ops, V>(p, lp, lm);             // sum p^2 / M
+      const V m = mixture<Ops, V>(P, q, p);
+      a0 = a0 + xmul0<Ops, V>(p, lp - Ops::log(m));  // KL(p||M)
+      a1 = a1 + p * ratio0<Ops, V>(q, m);             // sum p q / M
+      a2 = a2 + p * ratio0<Ops, V>(p, m);             // sum p^2 / M
       break;
     }
     case kTVD: {
@@ -170,9 +158,10 @@ PK_HD void div_accumulate(const DivParams& P, V lq, V lp, V& a0, V& a1, V& a2) {
       break;
     }
     case kHellinger: {
-      const V d = Ops::exp(half * lp) - Ops::exp(half * lq);
+      const V sp = Ops::sqrt(p), sq = Ops::sqrt(q);
+      const V d = sp - sq;
       a0 = a0 + half * d * d;
-      a1 = a1 + Ops::exp(half * (lp + lq));  // Bhattacharyya coefficient
+      a1 = a1 + sp * sq;  // Bhattacharyya coefficient
       break;
     }
     default:
@@ -215,11 +204,9 @@ PK_HD void div_finalize(const DivParams& P, float a0, float a1, float a2, float&
 }
 
 // ---- backward: d loss / d s_i (gq) and d loss / d t_i (gp), per unit upstream gradient ----
-// (the caller multiplies by grad_row / T).
+// (the caller multiplies by grad_row / T). Same inputs as div_accumulate.
 template <class Ops, class V>
-PK_HD void div_grad(const DivParams& P, V lq, V lp, float r0, float r1, V& gq, V& gp) {
-  const V q = Ops::exp(lq);
-  const V p = Ops::exp(lp);
+PK_HD void div_grad(const DivParams& P, V lq, V lp, V q, V p, float r0, float r1, V& gq, V& gp) {
   const V half = Ops::splat(0.5f);
   const V vr0 = Ops::splat(r0), vr1 = Ops::splat(r1);
   switch (P.kind) {
@@ -228,16 +215,16 @@ PK_HD void div_grad(const DivParams& P, V lq, V lp, float r0, float r1, V& gq, V
       gp = xmul0<Ops, V>(p, lp - lq - vr1);
       break;
     case kJSD: {
-      const V lm = log_mixture<Ops, V>(P, lq, lp);
+      const V lm = Ops::log(mixture<Ops, V>(P, q, p));
       gq = Ops::splat(1.f - P.w) * xmul0<Ops, V>(q, lq - lm - vr0);
       gp = Ops::splat(P.w) * xmul0<Ops, V>(p, lp - lm - vr1);
       break;
     }
     case kSkewForwardKL: {
-      const V lm = log_mixture<Ops, V>(P, lq, lp);
-      const V p_over_m = ratio0<Ops, V>(p, lp, lm);
-      gq = Ops::splat(1.f - P.w) * (q * vr0 - xmul0<Ops, V>(q, p_over_m));
-      gp = xmul0<Ops, V>(p, lp - lm - Ops::splat(P.w) * p_over_m - vr1);
+      const V m = mixture<Ops, V>(P, q, p);
+      const V p_over_m = ratio0<Ops, V>(p, m);
+      gq = Ops::splat(1.f - P.w) * (q * vr0 - q * p_over_m);
+      gp = xmul0<Ops, V>(p, lp - Ops::log(m) - Ops::splat(P.w) * p_over_m - vr1);
       break;
     }
     case kTVD: {
@@ -249,7 +236,7 @@ PK_HD void div_grad(const DivParams& P, V lq, V lp, float r0, float r1, V& gq, V
       break;
     }
     case kHellinger: {
-      const V bc = Ops::exp(half * (lp + lq));
+      const V bc = Ops::sqrt(p) * Ops::sqrt(q);
       gq = -half * (bc - q * vr0);
       gp = -half * (bc - p * vr1);
       break;

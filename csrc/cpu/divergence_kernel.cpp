@@ -29,7 +29,8 @@ using math::ScalarOps;
 struct VecOps {
   using V = Vec;
   static Vec exp(Vec x) { return x.exp(); }
-  static Vec log1p(Vec x) { return x.log1p(); }
+  static Vec log(Vec x) { return x.log(); }
+  static Vec sqrt(Vec x) { return x.sqrt(); }
   static Vec abs(Vec x) { return x.abs(); }
   static Vec gt(Vec a, Vec b) { return a > b; }
   static Vec lt(Vec a, Vec b) { return a < b; }
@@ -96,12 +97,13 @@ const scalar_t* row_ptr(const RowsView& view, int64_t T, int64_t r) {
 // Rows per task: enough that a task holds ~64k elements, at least one row.
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
-// log-sum-exp of s and t over a row, plus the forward-KL cross sum when asked.
+// log-sum-exp of s and t over a row, plus the forward-KL cross sum when asked. With
+// es/et given, the shifted exponentials are kept there so that pass 2 needs no exp.
 struct RowLse {
-  float lse_q, lse_p, sum_p, cross;
+  float lse_q, lse_p, sum_q, sum_p, cross;
 };
 
-RowLse row_lse(const float* s, const float* t, int64_t V, bool want_cross) {
+RowLse row_lse(const float* s, const float* t, int64_t V, bool want_cross, float* es, float* et) {
   Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
   int64_t i = 0;
   for (; i + kLanes <= V; i += kLanes) {
@@ -119,19 +121,27 @@ RowLse row_lse(const float* s, const float* t, int64_t V, bool want_cross) {
   i = 0;
   for (; i + kLanes <= V; i += kLanes) {
     const Vec vs = Vec::loadu(s + i), vt = Vec::loadu(t + i);
-    const Vec et = (vt - vmt).exp();
-    acc_s = acc_s + (vs - vms).exp();
-    acc_t = acc_t + et;
-    if (want_cross) acc_x = acc_x + math::fkl_cross_term<VecOps, Vec>(et, vt, vs);
+    const Vec e_s = (vs - vms).exp(), e_t = (vt - vmt).exp();
+    acc_s = acc_s + e_s;
+    acc_t = acc_t + e_t;
+    if (want_cross) acc_x = acc_x + math::fkl_cross_term<VecOps, Vec>(e_t, vt, vs);
+    if (es) {
+      e_s.store(es + i);
+      e_t.store(et + i);
+    }
   }
   float sum_s = hsum(acc_s), sum_t = hsum(acc_t), cross = hsum(acc_x);
   for (int64_t j = i; j < V; ++j) {
-    const float et = ::expf(t[j] - max_t);
-    sum_s += ::expf(s[j] - max_s);
-    sum_t += et;
-    if (want_cross) cross += math::fkl_cross_term<ScalarOps, float>(et, t[j], s[j]);
+    const float e_s = ::expf(s[j] - max_s), e_t = ::expf(t[j] - max_t);
+    sum_s += e_s;
+    sum_t += e_t;
+    if (want_cross) cross += math::fkl_cross_term<ScalarOps, float>(e_t, t[j], s[j]);
+    if (es) {
+      es[j] = e_s;
+      et[j] = e_t;
+    }
   }
-  return {math::lse_value(max_s, sum_s), math::lse_value(max_t, sum_t), sum_t, cross};
+  return {math::lse_value(max_s, sum_s), math::lse_value(max_t, sum_t), sum_s, sum_t, cross};
 }
 
 template <typename scalar_t>
@@ -140,9 +150,12 @@ void forward_rows(const DivForwardArgs& a) {
   const math::DivParams P = a.params;
   const bool fkl = P.kind == math::kForwardKL;
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * V);
+    // Per-thread fp32 rows: scaled logits s, t and (pass 2 kinds) their shifted exponentials.
+    std::vector<float> scratch((fkl ? 2 : 4) * V);
     float* s = scratch.data();
     float* t = s + V;
+    float* es = fkl ? nullptr : t + V;
+    float* et = fkl ? nullptr : t + 2 * V;
     for (int64_t r = begin; r < end; ++r) {
       float* stats = a.stats + r * math::kStatsWidth;
       if (a.row_valid != nullptr && !a.row_valid[r]) {
@@ -152,22 +165,24 @@ void forward_rows(const DivForwardArgs& a) {
       }
       load_scaled(row_ptr<scalar_t>(a.student, a.T, r), s, V, a.inv_t);
       load_scaled(row_ptr<scalar_t>(a.teacher, a.T, r), t, V, a.inv_t);
-      const RowLse lse = row_lse(s, t, V, fkl);
+      const RowLse lse = row_lse(s, t, V, fkl, es, et);
       float acc0, acc1 = 0.f, acc2 = 0.f;
       if (fkl) {
         acc0 = math::fkl_from_cross(lse.cross, lse.sum_p, lse.lse_p, lse.lse_q);
       } else {
-        const Vec vlq(lse.lse_q), vlp(lse.lse_p);
+        const float inv_sq = 1.f / lse.sum_q, inv_sp = 1.f / lse.sum_p;
+        const Vec vlq(lse.lse_q), vlp(lse.lse_p), vinv_sq(inv_sq), vinv_sp(inv_sp);
         Vec v0(0.f), v1(0.f), v2(0.f);
         int64_t i = 0;
         for (; i + kLanes <= V; i += kLanes) {
           math::div_accumulate<VecOps, Vec>(P, Vec::loadu(s + i) - vlq, Vec::loadu(t + i) - vlp,
-                                            v0, v1, v2);
+                                            Vec::loadu(es + i) * vinv_sq,
+                                            Vec::loadu(et + i) * vinv_sp, v0, v1, v2);
         }
         acc0 = hsum(v0), acc1 = hsum(v1), acc2 = hsum(v2);
         for (; i < V; ++i) {
-          math::div_accumulate<ScalarOps, float>(P, s[i] - lse.lse_q, t[i] - lse.lse_p, acc0,
-                                                 acc1, acc2);
+          math::div_accumulate<ScalarOps, float>(P, s[i] - lse.lse_q, t[i] - lse.lse_p,
+                                                 es[i] * inv_sq, et[i] * inv_sp, acc0, acc1, acc2);
         }
       }
       float loss, r0, r1;
@@ -222,15 +237,16 @@ void backward_rows(const DivBackwardArgs& a) {
       const Vec vlq(lse_q), vlp(lse_p), vscale(scale);
       int64_t i = 0;
       for (; i + kLanes <= V; i += kLanes) {
+        const Vec lq = Vec::loadu(s + i) - vlq, lp = Vec::loadu(t + i) - vlp;
         Vec gq, gp;
-        math::div_grad<VecOps, Vec>(P, Vec::loadu(s + i) - vlq, Vec::loadu(t + i) - vlp, r0, r1,
-                                    gq, gp);
+        math::div_grad<VecOps, Vec>(P, lq, lp, lq.exp(), lp.exp(), r0, r1, gq, gp);
         if (kStudent) (gq * vscale).store(gs + i);
         if (kTeacher) (gp * vscale).store(gt + i);
       }
       for (; i < V; ++i) {
+        const float lq = s[i] - lse_q, lp = t[i] - lse_p;
         float gq, gp;
-        math::div_grad<ScalarOps, float>(P, s[i] - lse_q, t[i] - lse_p, r0, r1, gq, gp);
+        math::div_grad<ScalarOps, float>(P, lq, lp, ::expf(lq), ::expf(lp), r0, r1, gq, gp);
         if (kStudent) gs[i] = gq * scale;
         if (kTeacher) gt[i] = gp * scale;
       }

@@ -311,7 +311,7 @@ __device__ __forceinline__ void accumulate_chunk(const DivParams& P, const Pack<
   for (int i = 0; i < VEC; ++i) {
     const float lq = static_cast<float>(ps.v[i]) * inv_t - lse_q;
     const float lp = static_cast<float>(pt.v[i]) * inv_t - lse_p;
-    math::div_accumulate<ScalarOps, float>(P, lq, lp, acc[0], acc[1], acc[2]);
+    math::div_accumulate<ScalarOps, float>(P, lq, lp, ::expf(lq), ::expf(lp), acc[0], acc[1], acc[2]);
   }
 }
 
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       const int64_t i = extra_index<VEC>(R, tid);
       const float lq = static_cast<float>(ps[i]) * inv_t - lse_q;
       const float lp = static_cast<float>(pt[i]) * inv_t - lse_p;
-      math::div_accumulate<ScalarOps, float>(P, lq, lp, acc[0], acc[1], acc[2]);
+      math::div_accumulate<ScalarOps, float>(P, lq, lp, ::expf(lq), ::expf(lp), acc[0], acc[1], acc[2]);
     }
     // Reverse order: the end of the row was read last in pass 1 and is the part most
     // likely still in L2; the cached head of the row comes last. One chunk per iteration
@@ -499,7 +499,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float lq = static_cast<float>(s_raw) * inv_t - lse_q;
     const float lp = static_cast<float>(t_raw) * inv_t - lse_p;
     float gq, gp;
-    math::div_grad<ScalarOps, float>(P, lq, lp, r0, r1, gq, gp);
+    math::div_grad<ScalarOps, float>(P, lq, lp, ::expf(lq), ::expf(lp), r0, r1, gq, gp);
     os = static_cast<scalar_t>(grow * gq * inv_t);
     ot = static_cast<scalar_t>(grow * gp * inv_t);
   };
