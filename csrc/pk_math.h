@@ -40,13 +40,17 @@ constexpr int kStatsWidth = 4;
 
 struct DivParams {
   int64_t kind;
-  float w;  // beta (jsd) or alpha (skew); unused otherwise
+  float w;        // beta (jsd) or alpha (skew); unused otherwise
+  float log_w;    // log(w), -inf at w = 0
+  float log_1mw;  // log(1 - w), -inf at w = 1
 };
 
 inline DivParams make_div_params(int64_t kind, double w) {
   DivParams p;
   p.kind = kind;
   p.w = static_cast<float>(w);
+  p.log_w = static_cast<float>(std::log(w));
+  p.log_1mw = static_cast<float>(std::log1p(-w));
   return p;
 }
 
@@ -72,18 +76,17 @@ PK_HD V xmul0(V x, V d) {
   return Ops::select(Ops::eq(x, Ops::splat(0.f)), Ops::splat(0.f), x * d);
 }
 
-// x / M, 0 where x = 0 (so a vanishing mixture M = 0 never divides).
+// log M for the mixture M = w p + (1 - w) q. M is formed from the probabilities (one log, not
+// a logaddexp's exp + log1p), then floored by its exact log-domain lower bounds log(w p) and
+// log((1 - w) q): those keep log M finite where M underflows while p or q is still a
+// denormal > 0 (the term p (log p - log M) would otherwise be inf). Both -inf gives -inf;
+// NaN propagates (a comparison with NaN keeps the NaN candidate).
 template <class Ops, class V>
-PK_HD V ratio0(V x, V m) {
-  return Ops::select(Ops::eq(x, Ops::splat(0.f)), Ops::splat(0.f), x / m);
-}
-
-// The mixture M = w p + (1 - w) q and its log. M is formed from the probabilities directly
-// (one log instead of a logaddexp's exp + log1p); where both underflow, M = 0 and log M = -inf,
-// and every term that uses it is multiplied by a zero probability (xmul0 / ratio0).
-template <class Ops, class V>
-PK_HD V mixture(const DivParams& P, V q, V p) {
-  return Ops::splat(P.w) * p + Ops::splat(1.f - P.w) * q;
+PK_HD V log_mixture(const DivParams& P, V lq, V lp, V q, V p) {
+  const V lm = Ops::log(Ops::splat(P.w) * p + Ops::splat(1.f - P.w) * q);
+  const V bp = lp + Ops::splat(P.log_w), bq = lq + Ops::splat(P.log_1mw);
+  const V bound = Ops::select(Ops::gt(bp, bq), bp, bq);
+  return Ops::select(Ops::gt(bound, lm), bound, lm);
 }
 
 // ---- online log-sum-exp (scalar; the CPU kernel does max then sum over a cached row) ----
@@ -113,6 +116,18 @@ PK_HD void lse_merge(float& m, float& s, float m2, float s2) {
 
 PK_HD float lse_value(float m, float s) { return m + ::logf(s); }
 
+// Skew KL's mixture terms: log M, p q / M and w p / M, formed in the log domain so that they
+// stay right where p or q underflows in fp32 while its log is finite (at w = 0, p q / M = p
+// even where q = 0.0f). p q / M <= min(p/w, q/(1-w)) and w p / M <= 1, so neither overflows
+// (p / M alone can: it is p / q at w = 0). Where M is exactly 0 both are 0.
+template <class Ops, class V>
+PK_HD void skew_ratios(const DivParams& P, V lq, V lp, V q, V p, V& lm, V& pq_m, V& wp_m) {
+  lm = log_mixture<Ops, V>(P, lq, lp, q, p);
+  const auto m_zero = Ops::eq(lm, Ops::splat(-INFINITY));
+  pq_m = Ops::select(m_zero, Ops::splat(0.f), Ops::exp(lp + lq - lm));
+  wp_m = Ops::select(m_zero, Ops::splat(0.f), Ops::exp(lp + Ops::splat(P.log_w) - lm));
+}
+
 // Forward KL straight from the statistics pass (no second pass): with e = exp(t - max_t),
 // KL(p||q) = sum e (t - s) / sum e - lse_p + lse_q. `fkl_cross_term` is one element of the
 // first sum (0 where e = 0, so a -inf teacher entry adds nothing).
@@ -136,16 +151,17 @@ PK_HD void div_accumulate(const DivParams& P, V lq, V lp, V q, V p, V& a0, V& a1
       a0 = a0 + xmul0<Ops, V>(p, lp - lq);  // KL(p||q)
       break;
     case kJSD: {
-      const V lm = Ops::log(mixture<Ops, V>(P, q, p));
+      const V lm = log_mixture<Ops, V>(P, lq, lp, q, p);
       a0 = a0 + xmul0<Ops, V>(q, lq - lm);  // KL(q||M)
       a1 = a1 + xmul0<Ops, V>(p, lp - lm);  // KL(p||M)
       break;
     }
     case kSkewForwardKL: {
-      const V m = mixture<Ops, V>(P, q, p);
-      a0 = a0 + xmul0<Ops, V>(p, lp - Ops::log(m));  // KL(p||M)
-      a1 = a1 + p * ratio0<Ops, V>(q, m);             // sum p q / M
-      a2 = a2 + p * ratio0<Ops, V>(p, m);             // sum p^2 / M
+      V lm, pq_m, wp_m;
+      skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, wp_m);
+      a0 = a0 + xmul0<Ops, V>(p, lp - lm);  // KL(p||M)
+      a1 = a1 + pq_m;                       // sum p q / M
+      a2 = a2 + p * wp_m;                   // sum w p^2 / M
       break;
     }
     case kTVD: {
@@ -186,7 +202,7 @@ PK_HD void div_finalize(const DivParams& P, float a0, float a1, float a2, float&
     case kSkewForwardKL:
       loss = a0;
       r0 = a1;
-      r1 = a0 - P.w * a2;
+      r1 = a0 - a2;
       break;
     case kTVD:
       loss = a0;
@@ -215,16 +231,16 @@ PK_HD void div_grad(const DivParams& P, V lq, V lp, V q, V p, float r0, float r1
       gp = xmul0<Ops, V>(p, lp - lq - vr1);
       break;
     case kJSD: {
-      const V lm = Ops::log(mixture<Ops, V>(P, q, p));
+      const V lm = log_mixture<Ops, V>(P, lq, lp, q, p);
       gq = Ops::splat(1.f - P.w) * xmul0<Ops, V>(q, lq - lm - vr0);
       gp = Ops::splat(P.w) * xmul0<Ops, V>(p, lp - lm - vr1);
       break;
     }
     case kSkewForwardKL: {
-      const V m = mixture<Ops, V>(P, q, p);
-      const V p_over_m = ratio0<Ops, V>(p, m);
-      gq = Ops::splat(1.f - P.w) * (q * vr0 - q * p_over_m);
-      gp = xmul0<Ops, V>(p, lp - Ops::log(m) - Ops::splat(P.w) * p_over_m - vr1);
+      V lm, pq_m, wp_m;
+      skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, wp_m);
+      gq = Ops::splat(1.f - P.w) * (q * vr0 - pq_m);
+      gp = xmul0<Ops, V>(p, lp - lm - wp_m - vr1);
       break;
     }
     case kTVD: {

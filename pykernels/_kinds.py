@@ -3,7 +3,7 @@
 Kernels work in one canonical frame: q = softmax(first logits) (the "student side"), p =
 softmax(second logits). The reverse kinds are the forward ones with the two inputs swapped, so
 they need no kernel code of their own; jsd's endpoints are forward and reverse KL exactly
-(TRL / Liger convention). Kernel kind numbers must match csrc/pk_math.h (DivKind).
+(TRL / Liger convention), and so are the skew kinds at alpha = 0. Kernel kind numbers must match csrc/pk_math.h (DivKind).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ def kernel_call(kind: str, param: float | None) -> KernelCall:
         if param == 1.0:
             return KernelCall(FORWARD_KL, 0.0, True)
         return KernelCall(JSD, float(param), False)
-    if kind == "skew_forward_kl":
-        return KernelCall(SKEW_FORWARD_KL, float(param), False)
-    if kind == "skew_reverse_kl":
-        return KernelCall(SKEW_FORWARD_KL, float(param), True)
+    if kind in ("skew_forward_kl", "skew_reverse_kl"):
+        swap = kind == "skew_reverse_kl"
+        if param == 0.0:  # no skew: exactly forward / reverse KL, without the mixture terms
+            return KernelCall(FORWARD_KL, 0.0, swap)
+        return KernelCall(SKEW_FORWARD_KL, float(param), swap)
     if kind == "tvd":
         return KernelCall(TVD, 0.0, False)
     if kind == "hellinger":
