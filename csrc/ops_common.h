@@ -108,6 +108,28 @@ std::tuple<at::Tensor, at::Tensor> divergence_forward_nd(const at::Tensor& stude
   return Kernel3d(s3, t3, row_valid, kind, w, inv_temperature);
 }
 
+using DivForwardWithGradFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double,
+    double, bool, bool);
+
+// Gradients come back in the input's shape: the kernels write [B, T, V] contiguous, which is
+// the contiguous layout of [..., V].
+inline at::Tensor grad_in_shape(const at::Tensor& grad, const at::Tensor& input, bool wanted) {
+  return wanted ? grad.view(input.sizes()) : grad;
+}
+
+template <DivForwardWithGradFn Kernel3d>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_with_grad_nd(
+    const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& row_valid, int64_t kind, double w, double inv_temperature,
+    bool student_grad, bool teacher_grad) {
+  auto [s3, t3] = as_rows3d(student, teacher);
+  auto [loss, stats, gs, gt] =
+      Kernel3d(s3, t3, row_valid, kind, w, inv_temperature, student_grad, teacher_grad);
+  return {loss, stats, grad_in_shape(gs, student, student_grad),
+          grad_in_shape(gt, teacher, teacher_grad)};
+}
+
 template <DivBackwardFn Kernel3d>
 std::tuple<at::Tensor, at::Tensor> divergence_backward_nd(
     const at::Tensor& grad_row, const at::Tensor& student, const at::Tensor& teacher,
@@ -116,9 +138,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward_nd(
   auto [s3, t3] = as_rows3d(student, teacher);
   auto [gs, gt] = Kernel3d(grad_row, s3, t3, row_valid, stats, kind, w, inv_temperature,
                            student_grad, teacher_grad);
-  if (student_grad) gs = gs.view(student.sizes());
-  if (teacher_grad) gt = gt.view(teacher.sizes());
-  return {gs, gt};
+  return {grad_in_shape(gs, student, student_grad), grad_in_shape(gt, teacher, teacher_grad)};
 }
 
 }  // namespace pykernels

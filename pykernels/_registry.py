@@ -41,18 +41,29 @@ def _fake_backward(grad_row, student, teacher, row_valid, stats, kind, w, inv_te
     return grad_like(student, student_grad), grad_like(teacher, teacher_grad)
 
 
+def _fake_forward_with_grad(student, teacher, row_valid, kind, w, inv_temperature,
+                            student_grad, teacher_grad):
+    row_loss, stats = _fake_forward(student, teacher, row_valid, kind, w, inv_temperature)
+    grad_s, grad_t = _fake_backward(None, student, teacher, row_valid, stats, kind, w,
+                                    inv_temperature, student_grad, teacher_grad)
+    return row_loss, stats, grad_s, grad_t
+
+
 def _setup_context(ctx, inputs, output):
     student, teacher, row_valid, kind, w, inv_temperature = inputs
     _, stats = output
     ctx.save_for_backward(student, teacher, row_valid, stats)
     ctx.params = (kind, w, inv_temperature)
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(backward_op):
     def backward(ctx, grad_row, _grad_stats):
         student, teacher, row_valid, stats = ctx.saved_tensors
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_row is None:  # the row losses did not reach the output
+            return (None,) * 6
         grad_s, grad_t = backward_op(
             grad_row.to(torch.float32).contiguous(), student, teacher, row_valid, stats,
             *ctx.params, want_s, want_t,
@@ -60,6 +71,46 @@ def _autograd_backward(backward_op):
         return (grad_s if want_s else None, grad_t if want_t else None, None, None, None, None)
 
     return backward
+
+
+def _setup_fused_context(ctx, inputs, output):
+    student, teacher, row_valid, kind, w, inv_temperature, _, _ = inputs
+    _, stats, grad_s, grad_t = output
+    ctx.save_for_backward(student, teacher, row_valid, stats)
+    ctx.params = (kind, w, inv_temperature)
+    # Not saved tensors: backward scales them in place, which a saved tensor's version check
+    # would reject on a second backward. They are non-differentiable outputs, so no cycle.
+    ctx.unit_grads = (grad_s, grad_t)
+    ctx.mark_non_differentiable(stats, grad_s, grad_t)
+    # Otherwise autograd hands backward a zero-filled N x V tensor for each of these outputs.
+    ctx.set_materialize_grads(False)
+
+
+def _fused_backward(ctx, grad_row, *_unused):
+    """Backward of divergence_forward_with_grad: the forward already computed d row_loss / d z,
+    so the first backward only scales each row by grad_row, in place (the buffers belong to
+    this node alone). A second backward (retain_graph=True) finds them consumed and runs the
+    backward kernel instead; so do a compiled graph, where Python state cannot be kept, and
+    create_graph=True."""
+    student, teacher = ctx.saved_tensors[:2]
+    if grad_row is None:
+        return (None,) * 8
+    want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    unit = ctx.unit_grads
+    usable = unit is not None and (not want_s or unit[0].shape == student.shape) and (
+        not want_t or unit[1].shape == teacher.shape)
+    # create_graph=True (grad mode on here) goes through the backward op, whose own backward
+    # raises the double-backward error instead of silently dropping second-order terms.
+    # A traced graph (torch.compile, AOT dispatch: grads are tensor subclasses there) cannot
+    # keep Python state either.
+    eager = type(grad_row) is torch.Tensor and not torch.compiler.is_compiling()
+    if usable and eager and not torch.is_grad_enabled():
+        ctx.unit_grads = None
+        row_scale = grad_row.to(torch.float32).reshape(*student.shape[:-1], 1)
+        grad_s = unit[0].mul_(row_scale) if want_s else None
+        grad_t = unit[1].mul_(row_scale) if want_t else None
+        return (grad_s, grad_t) + (None,) * 6
+    return _autograd_backward(torch.ops.pykernels.divergence_backward)(ctx, grad_row, None) + (None, None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -84,6 +135,9 @@ def _register_pair(forward_name: str, backward_name: str, fake: bool) -> None:
 
 if _backend.EXTENSION_ERROR is None:
     _register_pair("divergence_forward", "divergence_backward", fake=True)
+    torch.library.register_fake("pykernels::divergence_forward_with_grad")(_fake_forward_with_grad)
+    torch.library.register_autograd("pykernels::divergence_forward_with_grad", _fused_backward,
+                                    setup_context=_setup_fused_context)
 
 
 # ---------------------------------------------------------------------------- Triton ops
@@ -162,6 +216,15 @@ def divergence_rows(backend: str, student, teacher, row_valid, kind: int, w: flo
     """Per-row divergence [N] fp32 on the resolved `backend`, differentiable."""
     if backend == "torch":
         return _torch_backend.divergence_rows(student, teacher, row_valid, kind, w, inv_temperature)
+    if backend == "cpu" and student.dtype == torch.float32 and torch.is_grad_enabled():
+        # CPU kernels are bound by exps, not memory: computing the gradient in the forward
+        # from the probabilities it already has halves them. fp32 only, so that the saved
+        # gradient is scaled before its one rounding.
+        want_s, want_t = student.requires_grad, teacher.requires_grad
+        if want_s or want_t:
+            row_loss, *_ = torch.ops.pykernels.divergence_forward_with_grad(
+                student, teacher, row_valid, kind, w, inv_temperature, want_s, want_t)
+            return row_loss
     if backend == "triton":
         op = torch.ops.pykernels.triton_divergence_forward
     else:  # "cpu" / "cuda": one C++ op, the dispatcher picks the device's kernel

@@ -187,6 +187,50 @@ def test_opcheck_cpu_forward(kind_int, w, kind, grads, with_mask):
 
 @pytest.mark.parametrize("kind_int,w,kind", [(k, w, n) for k, w, n, _ in KERNEL_KINDS],
                          ids=KERNEL_KIND_IDS)
+@pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["both", "student", "teacher", "none"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+def test_opcheck_cpu_forward_with_grad(kind_int, w, kind, flags, with_mask):
+    """The CPU backend's fused forward (gradient computed in the forward) under opcheck, and
+    its unit gradients equal the backward op's for grad_row = 1."""
+    s, t, row_valid = op_inputs(kind, shape=(2, 3, 11), with_mask=with_mask)
+    s.requires_grad_(flags[0])
+    t.requires_grad_(flags[1])
+    args = (s, t, row_valid, kind_int, w, 0.8, *flags)
+    torch.library.opcheck(torch.ops.pykernels.divergence_forward_with_grad, args)
+    loss, stats, gs, gt = torch.ops.pykernels.divergence_forward_with_grad(*args)
+    ones = torch.ones(6)
+    ref_s, ref_t = torch.ops.pykernels.divergence_backward(
+        ones, s.detach(), t.detach(), row_valid, stats, kind_int, w, 0.8, *flags)
+    for got, want, wanted in ((gs, ref_s, flags[0]), (gt, ref_t, flags[1])):
+        if wanted:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        else:
+            assert got.numel() == 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_backward_twice_with_retain_graph(backend, name):
+    """A second backward through the same graph (retain_graph=True) with another upstream
+    gradient must give that gradient's result: the CPU fused path scales its saved gradient
+    in place on the first call and must not reuse it."""
+    s, t = H.make_pair((3, 2, 23), FP32, seed=12)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    loss = getattr(H.pk(), name)(s, t, backend=backend, reduction="none")
+    w1, w2 = H.make_grad_output((3, 2)), 2.5 * H.make_grad_output((3, 2)).flip(0)
+    g1 = torch.autograd.grad(loss, (s, t), w1, retain_graph=True)
+    g2 = torch.autograd.grad(loss, (s, t), w2, retain_graph=True)
+    ref_loss = getattr(H.pk(), name)(s, t, backend="torch", reduction="none")
+    r1 = torch.autograd.grad(ref_loss, (s, t), w1, retain_graph=True)
+    r2 = torch.autograd.grad(ref_loss, (s, t), w2)
+    for got, want in zip(g1 + g2, r1 + r2):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind_int,w,kind", [(k, w, n) for k, w, n, _ in KERNEL_KINDS],
+                         ids=KERNEL_KIND_IDS)
 @pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True)],
                          ids=["both", "student", "teacher"])
 def test_opcheck_cpu_backward(kind_int, w, kind, flags):

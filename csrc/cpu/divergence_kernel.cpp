@@ -28,7 +28,11 @@ using math::ScalarOps;
 // at::vec policy for the generic formulas in pk_math.h. Comparisons yield lane masks.
 struct VecOps {
   using V = Vec;
-  static Vec exp(Vec x) { return x.exp(); }
+  // ATen's inlined polynomial exp (about 3 ulp on [-87, 88]; it returns 0 below about -87.3,
+  // where exp is at most a few 1e-38 anyway) instead of Sleef's out-of-line call, which spilled
+  // the loop's registers and was the largest cost of pass 1. It turns NaN into inf, so NaN
+  // is passed through explicitly.
+  static Vec exp(Vec x) { return Vec::blendv(x.exp_u20(), x, x != x); }
   static Vec log(Vec x) { return x.log(); }
   static Vec sqrt(Vec x) { return x.sqrt(); }
   static Vec abs(Vec x) { return x.abs(); }
@@ -60,10 +64,13 @@ float hmax(Vec v) {
   return acc;
 }
 
-// Copies one row into an fp32 scratch row scaled by 1/T: every later pass then reads fp32
-// from cache instead of re-converting, and the temperature is applied once.
+// Rows are streamed in blocks: two fp32 blocks of kBlock elements (16 KB) stay in L1 while
+// they are reduced and exponentiated, so each pass reads the input once.
+constexpr int64_t kBlock = 2048;
+
+// Converts n <= kBlock logits to fp32 scaled by 1/T (temperature applied once per element).
 template <typename scalar_t>
-void load_scaled(const scalar_t* src, float* dst, int64_t n, float scale) {
+void load_block(const scalar_t* src, int64_t n, float scale, float* dst) {
   const Vec vscale(scale);
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -79,13 +86,24 @@ void load_scaled(const scalar_t* src, float* dst, int64_t n, float scale) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
 }
 
+// The fp32 values of a block: the input itself when it is fp32 and T = 1 (no copy at all),
+// else converted and scaled into `buf`.
 template <typename scalar_t>
-void store_row(const float* src, scalar_t* dst, int64_t n) {
+const float* block_values(const scalar_t* src, int64_t n, float inv_t, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    std::copy(src, src + n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
+    if (inv_t == 1.f) return src;
   }
+  load_block(src, n, inv_t, buf);
+  return buf;
+}
+
+float block_max(const float* x, int64_t n) {
+  Vec vmax(-INFINITY);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(x + i));
+  float m = hmax(vmax);
+  for (; i < n; ++i) m = nan_max(m, x[i]);
+  return m;
 }
 
 template <typename scalar_t>
@@ -97,115 +115,299 @@ const scalar_t* row_ptr(const RowsView& view, int64_t T, int64_t r) {
 // Rows per task: enough that a task holds ~64k elements, at least one row.
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
-// log-sum-exp of s and t over a row, plus the forward-KL cross sum when asked. With
-// es/et given, the shifted exponentials are kept there so that pass 2 needs no exp.
-struct RowLse {
+int64_t num_blocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
+
+// Per-thread buffers: the two L1 blocks and, for kinds with a second pass, the row's shifted
+// exponentials with the running max each block was taken against (so pass 2 needs no exp).
+struct Scratch {
+  std::vector<float> data;
+  float *sb, *tb, *es, *et, *blk_ms, *blk_mt;
+  Scratch(int64_t V, bool keep_exps)
+      : data(2 * kBlock + (keep_exps ? 2 * (V + num_blocks(V)) : 0)) {
+    sb = data.data();
+    tb = sb + kBlock;
+    es = keep_exps ? tb + kBlock : nullptr;
+    et = keep_exps ? es + V : nullptr;
+    blk_ms = keep_exps ? et + V : nullptr;
+    blk_mt = keep_exps ? blk_ms + num_blocks(V) : nullptr;
+  }
+};
+
+// Pulls the next block of both rows towards the core while the current one is computed:
+// the block loop alternates bursts of loads with long runs of exps, which leaves the
+// hardware prefetchers idle (the first-touch loads were 2/3 of pass 1's time without it).
+template <typename scalar_t>
+struct Prefetcher {
+  const scalar_t* s;
+  const scalar_t* t;
+  int64_t start, V;
+  void operator()(int64_t i) const {
+    // One call per kLanes elements: 64 bytes of fp32, 32 of 16-bit types (every other line
+    // prefetched twice, which is harmless).
+    const int64_t j = start + i;
+    if (j < V) {
+      __builtin_prefetch(s + j);
+      __builtin_prefetch(t + j);
+    }
+  }
+};
+
+// One stream's online softmax normaliser: running max and per-lane sums of exp(x - max).
+struct OnlineSum {
+  float m = -INFINITY;
+  Vec lanes{0.f};
+  float tail = 0.f;
+  // Moves the reference max to m_new; returns the factor the old sums were scaled by.
+  float rebase(float m_new) {
+    if (m_new == m) return 1.f;  // also -inf == -inf: nothing accumulated yet
+    const float f = ::expf(m - m_new);  // 0 from -inf, NaN if m_new is NaN
+    lanes = lanes * Vec(f);
+    tail *= f;
+    m = m_new;
+    return f;
+  }
+  float total() const { return hsum(lanes) + tail; }
+};
+
+struct Pass1 {
   float lse_q, lse_p, sum_q, sum_p, cross;
 };
 
-RowLse row_lse(const float* s, const float* t, int64_t V, bool want_cross, float* es, float* et) {
-  Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
-  int64_t i = 0;
-  for (; i + kLanes <= V; i += kLanes) {
-    vmax_s = at::vec::maximum(vmax_s, Vec::loadu(s + i));
-    vmax_t = at::vec::maximum(vmax_t, Vec::loadu(t + i));
-  }
-  float max_s = hmax(vmax_s), max_t = hmax(vmax_t);
-  for (int64_t j = i; j < V; ++j) {
-    max_s = nan_max(max_s, s[j]);
-    max_t = nan_max(max_t, t[j]);
-  }
-  // A row that is all -inf has max -inf: x - max is then NaN, and so is the lse, as in eager.
-  const Vec vms(max_s), vmt(max_t);
-  Vec acc_s(0.f), acc_t(0.f), acc_x(0.f);
-  i = 0;
-  for (; i + kLanes <= V; i += kLanes) {
-    const Vec vs = Vec::loadu(s + i), vt = Vec::loadu(t + i);
-    const Vec e_s = (vs - vms).exp(), e_t = (vt - vmt).exp();
-    acc_s = acc_s + e_s;
-    acc_t = acc_t + e_t;
-    if (want_cross) acc_x = acc_x + math::fkl_cross_term<VecOps, Vec>(e_t, vt, vs);
-    if (es) {
-      e_s.store(es + i);
-      e_t.store(et + i);
+// Pass 1 over a row: log-sum-exp of s and t in one read of the input, plus the forward-KL
+// cross sum sum exp(t - max_t) (t - s) when asked, and the shifted exponentials when
+// `sc.es` is set.
+template <typename scalar_t>
+Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv_t,
+                bool want_cross, Scratch& sc) {
+  OnlineSum q_sum, p_sum;
+  Vec cross(0.f);
+  float cross_tail = 0.f;
+  for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, V - b0);
+    const float* sb = block_values(srow + b0, n, inv_t, sc.sb);
+    const float* tb = block_values(trow + b0, n, inv_t, sc.tb);
+    q_sum.rebase(nan_max(q_sum.m, block_max(sb, n)));
+    const float f_t = p_sum.rebase(nan_max(p_sum.m, block_max(tb, n)));
+    if (want_cross && f_t != 1.f) {  // an underflowed factor drops an inf sum, not NaN
+      cross = math::xmul0<VecOps, Vec>(Vec(f_t), cross);
+      cross_tail = math::xmul0<ScalarOps, float>(f_t, cross_tail);
+    }
+    // While a stream's max is -inf all its entries so far are -inf: they add exactly 0.
+    const bool s_live = q_sum.m != -INFINITY, t_live = p_sum.m != -INFINITY;
+    const Vec vms(q_sum.m), vmt(p_sum.m);
+    float* es = sc.es ? sc.es + b0 : nullptr;
+    float* et = sc.es ? sc.et + b0 : nullptr;
+    const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      next(i);
+      const Vec vs = Vec::loadu(sb + i), vt = Vec::loadu(tb + i);
+      const Vec e_s = s_live ? VecOps::exp(vs - vms) : Vec(0.f);
+      const Vec e_t = t_live ? VecOps::exp(vt - vmt) : Vec(0.f);
+      q_sum.lanes = q_sum.lanes + e_s;
+      p_sum.lanes = p_sum.lanes + e_t;
+      if (want_cross) cross = cross + math::fkl_cross_term<VecOps, Vec>(e_t, vt, vs);
+      if (es) {
+        e_s.store(es + i);
+        e_t.store(et + i);
+      }
+    }
+    for (; i < n; ++i) {
+      const float e_s = s_live ? ::expf(sb[i] - q_sum.m) : 0.f;
+      const float e_t = t_live ? ::expf(tb[i] - p_sum.m) : 0.f;
+      q_sum.tail += e_s;
+      p_sum.tail += e_t;
+      if (want_cross) cross_tail += math::fkl_cross_term<ScalarOps, float>(e_t, tb[i], sb[i]);
+      if (es) {
+        es[i] = e_s;
+        et[i] = e_t;
+      }
+    }
+    if (sc.es) {
+      sc.blk_ms[blk] = q_sum.m;
+      sc.blk_mt[blk] = p_sum.m;
     }
   }
-  float sum_s = hsum(acc_s), sum_t = hsum(acc_t), cross = hsum(acc_x);
-  for (int64_t j = i; j < V; ++j) {
-    const float e_s = ::expf(s[j] - max_s), e_t = ::expf(t[j] - max_t);
-    sum_s += e_s;
-    sum_t += e_t;
-    if (want_cross) cross += math::fkl_cross_term<ScalarOps, float>(e_t, t[j], s[j]);
-    if (es) {
-      es[j] = e_s;
-      et[j] = e_t;
-    }
-  }
-  return {math::lse_value(max_s, sum_s), math::lse_value(max_t, sum_t), sum_s, sum_t, cross};
+  const float sum_q = q_sum.total(), sum_p = p_sum.total();
+  return {math::lse_value(q_sum.m, sum_q), math::lse_value(p_sum.m, sum_p), sum_q, sum_p,
+          hsum(cross) + cross_tail};
 }
 
+// Factor turning an exponential kept in pass 1 (taken against the block's running max m_blk)
+// into a probability: exp(m_blk - m) / sum. Blocks seen before any finite entry kept zeros.
+float prob_factor(float m_blk, float lse) { return m_blk == -INFINITY ? 0.f : ::expf(m_blk - lse); }
+
 template <typename scalar_t>
+void store_block(const float* src, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// Probabilities of a block recomputed from the row's log-sum-exp (backward pass).
+struct ProbsFromLse {
+  static constexpr bool kCached = false;
+  void block(int64_t /*b0*/, int64_t /*blk*/) {}
+  std::pair<Vec, Vec> vec(int64_t /*i*/, Vec lq, Vec lp) const {
+    return {VecOps::exp(lq), VecOps::exp(lp)};
+  }
+  std::pair<float, float> scalar(int64_t /*i*/, float lq, float lp) const {
+    return {::expf(lq), ::expf(lp)};
+  }
+};
+
+// Probabilities of a block from the exponentials pass 1 kept (fused forward): no exp at all.
+struct ProbsFromCache {
+  static constexpr bool kCached = true;
+  const Scratch& sc;
+  float lse_q, lse_p;
+  const float *es = nullptr, *et = nullptr;
+  float cq = 0.f, cp = 0.f;
+  Vec vcq{0.f}, vcp{0.f};
+  void block(int64_t b0, int64_t blk) {
+    es = sc.es + b0;
+    et = sc.et + b0;
+    cq = prob_factor(sc.blk_ms[blk], lse_q);
+    cp = prob_factor(sc.blk_mt[blk], lse_p);
+    vcq = Vec(cq);
+    vcp = Vec(cp);
+  }
+  std::pair<Vec, Vec> vec(int64_t i, Vec, Vec) const {
+    return {Vec::loadu(es + i) * vcq, Vec::loadu(et + i) * vcp};
+  }
+  std::pair<float, float> scalar(int64_t i, float, float) const { return {es[i] * cq, et[i] * cp}; }
+};
+
+// Writes one row's gradient(s) scale * (gq, gp) of div_grad, block by block, straight into the
+// fp32 output or through an fp32 staging block for 16-bit outputs.
+template <typename scalar_t, bool kStudent, bool kTeacher, class Probs>
+void write_grad_row(const math::DivParams& P, const scalar_t* srow, const scalar_t* trow,
+                    int64_t V, float inv_t, float lse_q, float lse_p, float r0, float r1,
+                    float scale, scalar_t* gs_row, scalar_t* gt_row, Probs probs, float* sb,
+                    float* tb, float* gs_stage, float* gt_stage) {
+  constexpr bool kDirect = std::is_same_v<scalar_t, float>;
+  // Forward KL's student gradient q - p needs no log-probabilities: with cached probabilities
+  // the logits need not be read again at all.
+  const bool need_logits = !(Probs::kCached && P.kind == math::kForwardKL && !kTeacher);
+  const Vec vlq(lse_q), vlp(lse_p), vscale(scale);
+  for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, V - b0);
+    const float* sv = need_logits ? block_values(srow + b0, n, inv_t, sb) : sb;
+    const float* tv = need_logits ? block_values(trow + b0, n, inv_t, tb) : tb;
+    probs.block(b0, blk);
+    float* gs = gs_stage;
+    float* gt = gt_stage;
+    if constexpr (kDirect) {
+      gs = kStudent ? reinterpret_cast<float*>(gs_row) + b0 : nullptr;
+      gt = kTeacher ? reinterpret_cast<float*>(gt_row) + b0 : nullptr;
+    }
+    const Prefetcher<scalar_t> next{srow, trow, need_logits ? b0 + kBlock : V, V};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      next(i);
+      const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
+      const auto [q, p] = probs.vec(i, lq, lp);
+      Vec gq, gp;
+      math::div_grad<VecOps, Vec>(P, lq, lp, q, p, r0, r1, gq, gp);
+      if (kStudent) (gq * vscale).store(gs + i);
+      if (kTeacher) (gp * vscale).store(gt + i);
+    }
+    for (; i < n; ++i) {
+      const float lq = sv[i] - lse_q, lp = tv[i] - lse_p;
+      const auto [q, p] = probs.scalar(i, lq, lp);
+      float gq, gp;
+      math::div_grad<ScalarOps, float>(P, lq, lp, q, p, r0, r1, gq, gp);
+      if (kStudent) gs[i] = gq * scale;
+      if (kTeacher) gt[i] = gp * scale;
+    }
+    if constexpr (!kDirect) {
+      if (kStudent) store_block(gs_stage, gs_row + b0, n);
+      if (kTeacher) store_block(gt_stage, gt_row + b0, n);
+    }
+  }
+}
+
+template <typename scalar_t, bool kStudent, bool kTeacher>
+void zero_grad_row(scalar_t* gs_row, scalar_t* gt_row, int64_t V) {
+  // Ignored rows get an exact zero gradient, whatever their logits hold.
+  if (kStudent) std::fill(gs_row, gs_row + V, scalar_t(0));
+  if (kTeacher) std::fill(gt_row, gt_row + V, scalar_t(0));
+}
+
+// Forward, and with kStudent / kTeacher the gradient of each row loss (unit upstream
+// gradient) from the same passes: the probabilities pass 1 kept make it exp-free.
+template <typename scalar_t, bool kStudent, bool kTeacher>
 void forward_rows(const DivForwardArgs& a) {
   const int64_t N = a.B * a.T, V = a.V;
   const math::DivParams P = a.params;
   const bool fkl = P.kind == math::kForwardKL;
+  constexpr bool kGrad = kStudent || kTeacher;
+  auto* grad_s = static_cast<scalar_t*>(a.grad_student);
+  auto* grad_t = static_cast<scalar_t*>(a.grad_teacher);
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-    // Per-thread fp32 rows: scaled logits s, t and (pass 2 kinds) their shifted exponentials.
-    std::vector<float> scratch((fkl ? 2 : 4) * V);
-    float* s = scratch.data();
-    float* t = s + V;
-    float* es = fkl ? nullptr : t + V;
-    float* et = fkl ? nullptr : t + 2 * V;
+    Scratch sc(V, /*keep_exps=*/!fkl || kGrad);
+    std::vector<float> stage(kGrad ? 2 * kBlock : 0);
     for (int64_t r = begin; r < end; ++r) {
       float* stats = a.stats + r * math::kStatsWidth;
+      scalar_t* gs_row = kStudent ? grad_s + r * V : nullptr;
+      scalar_t* gt_row = kTeacher ? grad_t + r * V : nullptr;
       if (a.row_valid != nullptr && !a.row_valid[r]) {
         a.row_loss[r] = 0.f;
         std::fill(stats, stats + math::kStatsWidth, 0.f);
+        zero_grad_row<scalar_t, kStudent, kTeacher>(gs_row, gt_row, V);
         continue;
       }
-      load_scaled(row_ptr<scalar_t>(a.student, a.T, r), s, V, a.inv_t);
-      load_scaled(row_ptr<scalar_t>(a.teacher, a.T, r), t, V, a.inv_t);
-      const RowLse lse = row_lse(s, t, V, fkl, es, et);
+      const scalar_t* srow = row_ptr<scalar_t>(a.student, a.T, r);
+      const scalar_t* trow = row_ptr<scalar_t>(a.teacher, a.T, r);
+      const Pass1 p1 = row_pass1(srow, trow, V, a.inv_t, fkl, sc);
       float acc0, acc1 = 0.f, acc2 = 0.f;
       if (fkl) {
-        acc0 = math::fkl_from_cross(lse.cross, lse.sum_p, lse.lse_p, lse.lse_q);
+        acc0 = math::fkl_from_cross(p1.cross, p1.sum_p, p1.lse_p, p1.lse_q);
       } else {
-        const float inv_sq = 1.f / lse.sum_q, inv_sp = 1.f / lse.sum_p;
-        const Vec vlq(lse.lse_q), vlp(lse.lse_p), vinv_sq(inv_sq), vinv_sp(inv_sp);
+        // Pass 2: log-probabilities from the (cached) input, probabilities from pass 1.
+        ProbsFromCache probs{sc, p1.lse_q, p1.lse_p};
+        const Vec vlq(p1.lse_q), vlp(p1.lse_p);
         Vec v0(0.f), v1(0.f), v2(0.f);
-        int64_t i = 0;
-        for (; i + kLanes <= V; i += kLanes) {
-          math::div_accumulate<VecOps, Vec>(P, Vec::loadu(s + i) - vlq, Vec::loadu(t + i) - vlp,
-                                            Vec::loadu(es + i) * vinv_sq,
-                                            Vec::loadu(et + i) * vinv_sp, v0, v1, v2);
+        acc0 = 0.f;
+        for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+          const int64_t n = std::min(kBlock, V - b0);
+          const float* sv = block_values(srow + b0, n, a.inv_t, sc.sb);
+          const float* tv = block_values(trow + b0, n, a.inv_t, sc.tb);
+          probs.block(b0, blk);
+          const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
+          int64_t i = 0;
+          for (; i + kLanes <= n; i += kLanes) {
+            next(i);
+            const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
+            const auto [q, p] = probs.vec(i, lq, lp);
+            math::div_accumulate<VecOps, Vec>(P, lq, lp, q, p, v0, v1, v2);
+          }
+          for (; i < n; ++i) {
+            const float lq = sv[i] - p1.lse_q, lp = tv[i] - p1.lse_p;
+            const auto [q, p] = probs.scalar(i, lq, lp);
+            math::div_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2);
+          }
         }
-        acc0 = hsum(v0), acc1 = hsum(v1), acc2 = hsum(v2);
-        for (; i < V; ++i) {
-          math::div_accumulate<ScalarOps, float>(P, s[i] - lse.lse_q, t[i] - lse.lse_p,
-                                                 es[i] * inv_sq, et[i] * inv_sp, acc0, acc1, acc2);
-        }
+        acc0 += hsum(v0), acc1 += hsum(v1), acc2 += hsum(v2);
       }
       float loss, r0, r1;
       math::div_finalize(P, acc0, acc1, acc2, loss, r0, r1);
       a.row_loss[r] = loss;
-      stats[math::kStatLseQ] = lse.lse_q;
-      stats[math::kStatLseP] = lse.lse_p;
+      stats[math::kStatLseQ] = p1.lse_q;
+      stats[math::kStatLseP] = p1.lse_p;
       stats[math::kStatR0] = r0;
       stats[math::kStatR1] = r1;
+      if constexpr (kGrad) {
+        write_grad_row<scalar_t, kStudent, kTeacher>(
+            P, srow, trow, V, a.inv_t, p1.lse_q, p1.lse_p, r0, r1, a.inv_t, gs_row, gt_row,
+            ProbsFromCache{sc, p1.lse_q, p1.lse_p}, sc.sb, sc.tb, stage.data(),
+            stage.data() + kBlock);
+      }
     }
   });
 }
-
-// Writes n fp32 gradient values into the output row: straight for fp32, converted otherwise.
-template <typename scalar_t>
-struct GradRow {
-  scalar_t* out;
-  float* staging;  // fp32 row for reduced-precision outputs
-  float* values() { return std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out) : staging; }
-  void commit(int64_t n) {
-    if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(staging, out, n);
-  }
-};
 
 template <typename scalar_t, bool kStudent, bool kTeacher>
 void backward_rows(const DivBackwardArgs& a) {
@@ -214,44 +416,21 @@ void backward_rows(const DivBackwardArgs& a) {
   auto* grad_s = static_cast<scalar_t*>(a.grad_student);
   auto* grad_t = static_cast<scalar_t*>(a.grad_teacher);
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(4 * V);
-    float* s = scratch.data();
-    float* t = s + V;
+    std::vector<float> scratch(4 * kBlock);
+    float* sb = scratch.data();
     for (int64_t r = begin; r < end; ++r) {
-      GradRow<scalar_t> gs_row{kStudent ? grad_s + r * V : nullptr, t + V};
-      GradRow<scalar_t> gt_row{kTeacher ? grad_t + r * V : nullptr, t + 2 * V};
+      scalar_t* gs_row = kStudent ? grad_s + r * V : nullptr;
+      scalar_t* gt_row = kTeacher ? grad_t + r * V : nullptr;
       if (a.row_valid != nullptr && !a.row_valid[r]) {
-        // Ignored rows get an exact zero gradient, whatever their logits hold.
-        if (kStudent) std::fill(gs_row.out, gs_row.out + V, scalar_t(0));
-        if (kTeacher) std::fill(gt_row.out, gt_row.out + V, scalar_t(0));
+        zero_grad_row<scalar_t, kStudent, kTeacher>(gs_row, gt_row, V);
         continue;
       }
       const float* st = a.stats + r * math::kStatsWidth;
-      const float lse_q = st[math::kStatLseQ], lse_p = st[math::kStatLseP];
-      const float r0 = st[math::kStatR0], r1 = st[math::kStatR1];
-      const float scale = a.grad_row[r] * a.inv_t;
-      load_scaled(row_ptr<scalar_t>(a.student, a.T, r), s, V, a.inv_t);
-      load_scaled(row_ptr<scalar_t>(a.teacher, a.T, r), t, V, a.inv_t);
-      float* gs = kStudent ? gs_row.values() : nullptr;
-      float* gt = kTeacher ? gt_row.values() : nullptr;
-      const Vec vlq(lse_q), vlp(lse_p), vscale(scale);
-      int64_t i = 0;
-      for (; i + kLanes <= V; i += kLanes) {
-        const Vec lq = Vec::loadu(s + i) - vlq, lp = Vec::loadu(t + i) - vlp;
-        Vec gq, gp;
-        math::div_grad<VecOps, Vec>(P, lq, lp, lq.exp(), lp.exp(), r0, r1, gq, gp);
-        if (kStudent) (gq * vscale).store(gs + i);
-        if (kTeacher) (gp * vscale).store(gt + i);
-      }
-      for (; i < V; ++i) {
-        const float lq = s[i] - lse_q, lp = t[i] - lse_p;
-        float gq, gp;
-        math::div_grad<ScalarOps, float>(P, lq, lp, ::expf(lq), ::expf(lp), r0, r1, gq, gp);
-        if (kStudent) gs[i] = gq * scale;
-        if (kTeacher) gt[i] = gp * scale;
-      }
-      if (kStudent) gs_row.commit(V);
-      if (kTeacher) gt_row.commit(V);
+      write_grad_row<scalar_t, kStudent, kTeacher>(
+          P, row_ptr<scalar_t>(a.student, a.T, r), row_ptr<scalar_t>(a.teacher, a.T, r), V,
+          a.inv_t, st[math::kStatLseQ], st[math::kStatLseP], st[math::kStatR0], st[math::kStatR1],
+          a.grad_row[r] * a.inv_t, gs_row, gt_row, ProbsFromLse{}, sb, sb + kBlock,
+          sb + 2 * kBlock, sb + 3 * kBlock);
     }
   });
 }
@@ -272,7 +451,12 @@ void dispatch_dtype(const Args& args) {
 
 template <typename scalar_t>
 struct ForwardFn {
-  static void run(const DivForwardArgs& a) { forward_rows<scalar_t>(a); }
+  static void run(const DivForwardArgs& a) {
+    if (a.grad_student && a.grad_teacher) return forward_rows<scalar_t, true, true>(a);
+    if (a.grad_student) return forward_rows<scalar_t, true, false>(a);
+    if (a.grad_teacher) return forward_rows<scalar_t, false, true>(a);
+    return forward_rows<scalar_t, false, false>(a);
+  }
 };
 template <typename scalar_t>
 struct BackwardFn {

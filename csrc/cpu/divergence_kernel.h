@@ -26,8 +26,10 @@ struct DivForwardArgs {
   const bool* row_valid;  // nullptr: every row counts
   math::DivParams params;
   float inv_t;
-  float* row_loss;  // [B*T]
-  float* stats;     // [B*T, kStatsWidth]
+  float* row_loss;      // [B*T]
+  float* stats;         // [B*T, kStatsWidth]
+  void* grad_student;   // fused forward: d row_loss[r] / d student, [B*T, V]; or nullptr
+  void* grad_teacher;   // likewise for the teacher
 };
 
 struct DivBackwardArgs {
