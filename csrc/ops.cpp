@@ -21,12 +21,13 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "divergence_forward(Tensor student, Tensor teacher, Tensor? row_valid, int kind, float w, "
       "float inv_temperature) -> (Tensor, Tensor)");
-  // divergence_forward plus the gradients of each row loss (unit upstream gradient) computed
-  // from the same passes; the backward then only scales rows. CPU only, where the exps a
-  // separate backward would redo are the main cost. Grads not asked for are empty tensors.
+  // divergence_forward plus the gradients of row_weight * row_loss[r] for every row, computed
+  // from the same passes, so that the backward has nothing (or only a row scaling) left to do.
+  // CPU only, where the exps a separate backward would redo are the main cost. Gradients not
+  // asked for are empty tensors.
   m.def(
       "divergence_forward_with_grad(Tensor student, Tensor teacher, Tensor? row_valid, int kind, "
-      "float w, float inv_temperature, bool student_grad, bool teacher_grad) "
+      "float w, float inv_temperature, bool student_grad, bool teacher_grad, float row_weight) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of sum_r grad_row[r] * row_loss[r]; an output not asked for is an empty tensor.
   m.def(

@@ -79,6 +79,9 @@ inline std::pair<at::Tensor, at::Tensor> as_rows3d(at::Tensor x, at::Tensor y) {
     groups.push_back({n, x.stride(d), y.stride(d)});
   }
   if (groups.size() > 2) {
+    TORCH_WARN_ONCE(
+        "pykernels: the logits' leading dims do not merge into two strided dims; copying them "
+        "to contiguous memory (slice or permute before flattening to avoid the copy)");
     return as_rows3d(x.contiguous(), y.contiguous());
   }
   const Group inner = groups.empty() ? Group{1, V, V} : groups[0];
@@ -110,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_forward_nd(const at::Tensor& stude
 
 using DivForwardWithGradFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double,
-    double, bool, bool);
+    double, bool, bool, double);
 
 // Gradients come back in the input's shape: the kernels write [B, T, V] contiguous, which is
 // the contiguous layout of [..., V].
@@ -122,10 +125,10 @@ template <DivForwardWithGradFn Kernel3d>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_with_grad_nd(
     const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& row_valid, int64_t kind, double w, double inv_temperature,
-    bool student_grad, bool teacher_grad) {
+    bool student_grad, bool teacher_grad, double row_weight) {
   auto [s3, t3] = as_rows3d(student, teacher);
-  auto [loss, stats, gs, gt] =
-      Kernel3d(s3, t3, row_valid, kind, w, inv_temperature, student_grad, teacher_grad);
+  auto [loss, stats, gs, gt] = Kernel3d(s3, t3, row_valid, kind, w, inv_temperature,
+                                        student_grad, teacher_grad, row_weight);
   return {loss, stats, grad_in_shape(gs, student, student_grad),
           grad_in_shape(gt, teacher, teacher_grad)};
 }

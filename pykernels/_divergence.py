@@ -14,6 +14,27 @@ def row_valid_mask(labels: torch.Tensor | None, ignore_index: int) -> torch.Tens
     return (labels != ignore_index).reshape(-1).contiguous()
 
 
+def _count(num_items_in_batch, row_valid: torch.Tensor | None, rows: int):
+    """The batchmean divisor before clamping: a number or a 0-dim tensor (never synced)."""
+    if num_items_in_batch is not None:
+        return num_items_in_batch
+    return rows if row_valid is None else row_valid.sum()
+
+
+def row_weight_hint(backend: str, reduction: str, num_items_in_batch, row_valid, rows: int,
+                    vocab: int, student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """The factor reduce_rows will apply to every row, as a float, for the CPU backend's fused
+    gradient (so a plain loss.backward() needs no pass over the gradient). CPU tensors only:
+    reading a count there is not a device sync; 1.0 wherever it does not matter."""
+    if (backend != "cpu" or reduction in ("none", "sum") or not torch.is_grad_enabled()
+            or not (student.requires_grad or teacher.requires_grad)
+            or torch.compiler.is_compiling()):
+        return 1.0
+    count = _count(num_items_in_batch, row_valid, rows)
+    count = max(float(count.item() if isinstance(count, torch.Tensor) else count), 1.0)
+    return 1.0 / (count * vocab if reduction == "mean" else count)
+
+
 def reduce_rows(
     rows: torch.Tensor,
     row_valid: torch.Tensor | None,
@@ -28,12 +49,7 @@ def reduce_rows(
     total = rows.sum()
     if reduction == "sum":
         return total
-    if num_items_in_batch is not None:
-        count = num_items_in_batch
-    elif row_valid is None:
-        count = rows.numel()
-    else:
-        count = row_valid.sum()  # a device tensor: no host sync
+    count = _count(num_items_in_batch, row_valid, rows.numel())  # a tensor stays a tensor
     if isinstance(count, torch.Tensor):
         count = count.to(total.dtype).clamp_min(1)
     else:
@@ -71,5 +87,9 @@ def divergence_loss(
     call = _kinds.kernel_call(kind, param)
     first, second = (teacher_logits, student_logits) if call.swap else (student_logits, teacher_logits)
     row_valid = row_valid_mask(labels, ignore_index)
-    rows = _registry.divergence_rows(backend, first, second, row_valid, call.kind, call.w, 1.0 / temperature)
+    vocab = student_logits.shape[-1]
+    weight = row_weight_hint(backend, reduction, num_items_in_batch, row_valid,
+                             student_logits.numel() // vocab, vocab, student_logits, teacher_logits)
+    rows = _registry.divergence_rows(backend, first, second, row_valid, call.kind, call.w,
+                                     1.0 / temperature, weight)
     return reduce_rows(rows, row_valid, reduction, num_items_in_batch, leading_shape, student_logits.shape[-1])

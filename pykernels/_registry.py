@@ -13,6 +13,7 @@ O(N) stats; backward is a single pass over the logits.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -42,7 +43,7 @@ def _fake_backward(grad_row, student, teacher, row_valid, stats, kind, w, inv_te
 
 
 def _fake_forward_with_grad(student, teacher, row_valid, kind, w, inv_temperature,
-                            student_grad, teacher_grad):
+                            student_grad, teacher_grad, row_weight):
     row_loss, stats = _fake_forward(student, teacher, row_valid, kind, w, inv_temperature)
     grad_s, grad_t = _fake_backward(None, student, teacher, row_valid, stats, kind, w,
                                     inv_temperature, student_grad, teacher_grad)
@@ -74,10 +75,11 @@ def _autograd_backward(backward_op):
 
 
 def _setup_fused_context(ctx, inputs, output):
-    student, teacher, row_valid, kind, w, inv_temperature, _, _ = inputs
+    student, teacher, row_valid, kind, w, inv_temperature, _, _, row_weight = inputs
     _, stats, grad_s, grad_t = output
     ctx.save_for_backward(student, teacher, row_valid, stats)
     ctx.params = (kind, w, inv_temperature)
+    ctx.row_weight = row_weight
     # Not saved tensors: backward scales them in place, which a saved tensor's version check
     # would reject on a second backward. They are non-differentiable outputs, so no cycle.
     ctx.unit_grads = (grad_s, grad_t)
@@ -86,12 +88,27 @@ def _setup_fused_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _uniform_scale(grad_row: torch.Tensor, row_weight: float) -> float | None:
+    """grad_row / row_weight when grad_row is one value broadcast over the rows (what the
+    batchmean / sum / mean reductions send back), else None. CPU tensors: no device sync."""
+    if grad_row.dim() != 1 or grad_row.numel() == 0 or grad_row.stride(0) != 0:
+        return None
+    return grad_row[0].item() / row_weight
+
+
+def _exact_scale(scale: float | None) -> bool:
+    """1 or a power of two: scaling by it cannot round a 16-bit gradient a second time."""
+    return scale is not None and math.isfinite(scale) and scale != 0 and math.frexp(scale)[0] in (0.5, -0.5)
+
+
 def _fused_backward(ctx, grad_row, *_unused):
-    """Backward of divergence_forward_with_grad: the forward already computed d row_loss / d z,
-    so the first backward only scales each row by grad_row, in place (the buffers belong to
-    this node alone). A second backward (retain_graph=True) finds them consumed and runs the
-    backward kernel instead; so do a compiled graph, where Python state cannot be kept, and
-    create_graph=True."""
+    """Backward of divergence_forward_with_grad: the forward already computed the gradient of
+    row_weight * row_loss (row_weight = 1 / the reduction's divisor), so the first backward of a
+    plain `loss.backward()` returns it untouched, and other upstream gradients scale it in place
+    (the buffers belong to this node alone) when that adds no rounding a 16-bit gradient would
+    feel: fp32, or a power-of-two scale. Otherwise, and for a second backward
+    (retain_graph=True), a traced graph (no Python state) or create_graph=True, the backward
+    kernel recomputes the gradient from the logits."""
     student, teacher = ctx.saved_tensors[:2]
     if grad_row is None:
         return (None,) * 8
@@ -105,12 +122,17 @@ def _fused_backward(ctx, grad_row, *_unused):
     # keep Python state either.
     eager = type(grad_row) is torch.Tensor and not torch.compiler.is_compiling()
     if usable and eager and not torch.is_grad_enabled():
-        ctx.unit_grads = None
-        row_scale = grad_row.to(torch.float32).reshape(*student.shape[:-1], 1)
-        grad_s = unit[0].mul_(row_scale) if want_s else None
-        grad_t = unit[1].mul_(row_scale) if want_t else None
-        return (grad_s, grad_t) + (None,) * 6
-    return _autograd_backward(torch.ops.pykernels.divergence_backward)(ctx, grad_row, None) + (None, None)
+        scale = _uniform_scale(grad_row, ctx.row_weight)
+        if _exact_scale(scale) or student.dtype == torch.float32:
+            ctx.unit_grads = None
+            if scale is None:
+                scale = grad_row.to(torch.float32).reshape(*student.shape[:-1], 1) / ctx.row_weight
+            grad_s, grad_t = unit
+            if not (isinstance(scale, float) and scale == 1.0):
+                grad_s = grad_s.mul_(scale) if want_s else None
+                grad_t = grad_t.mul_(scale) if want_t else None
+            return (grad_s if want_s else None, grad_t if want_t else None) + (None,) * 7
+    return _autograd_backward(torch.ops.pykernels.divergence_backward)(ctx, grad_row, None) + (None,) * 3
 
 
 def _no_double_backward(ctx, *grads):
@@ -159,6 +181,8 @@ def rows3d(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
             continue
         groups.append([n, x.stride(d), y.stride(d)])
     if len(groups) > 2:
+        warnings.warn("pykernels: the logits' leading dims do not merge into two strided dims; "
+                      "copying them to contiguous memory", stacklevel=3)
         return rows3d(x.contiguous(), y.contiguous())
     inner = groups[0] if groups else [1, V, V]
     outer = groups[1] if len(groups) == 2 else [1, inner[1] * inner[0], inner[2] * inner[0]]
@@ -212,18 +236,19 @@ if _backend.HAS_TRITON:
 
 
 def divergence_rows(backend: str, student, teacher, row_valid, kind: int, w: float,
-                    inv_temperature: float) -> torch.Tensor:
-    """Per-row divergence [N] fp32 on the resolved `backend`, differentiable."""
+                    inv_temperature: float, row_weight: float = 1.0) -> torch.Tensor:
+    """Per-row divergence [N] fp32 on the resolved `backend`, differentiable. `row_weight` is
+    the factor the caller's reduction will apply to every row (a hint for the CPU backend's
+    fused gradient; results do not depend on it)."""
     if backend == "torch":
         return _torch_backend.divergence_rows(student, teacher, row_valid, kind, w, inv_temperature)
-    if backend == "cpu" and student.dtype == torch.float32 and torch.is_grad_enabled():
+    if backend == "cpu" and torch.is_grad_enabled():
         # CPU kernels are bound by exps, not memory: computing the gradient in the forward
-        # from the probabilities it already has halves them. fp32 only, so that the saved
-        # gradient is scaled before its one rounding.
+        # from the probabilities it already has halves them.
         want_s, want_t = student.requires_grad, teacher.requires_grad
         if want_s or want_t:
             row_loss, *_ = torch.ops.pykernels.divergence_forward_with_grad(
-                student, teacher, row_valid, kind, w, inv_temperature, want_s, want_t)
+                student, teacher, row_valid, kind, w, inv_temperature, want_s, want_t, row_weight)
             return row_loss
     if backend == "triton":
         op = torch.ops.pykernels.triton_divergence_forward

@@ -192,14 +192,14 @@ def test_opcheck_cpu_forward(kind_int, w, kind, grads, with_mask):
 @pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
 def test_opcheck_cpu_forward_with_grad(kind_int, w, kind, flags, with_mask):
     """The CPU backend's fused forward (gradient computed in the forward) under opcheck, and
-    its unit gradients equal the backward op's for grad_row = 1."""
+    its gradients of row_weight * row_loss equal the backward op's for grad_row = row_weight."""
     s, t, row_valid = op_inputs(kind, shape=(2, 3, 11), with_mask=with_mask)
     s.requires_grad_(flags[0])
     t.requires_grad_(flags[1])
-    args = (s, t, row_valid, kind_int, w, 0.8, *flags)
+    args = (s, t, row_valid, kind_int, w, 0.8, *flags, 0.3)
     torch.library.opcheck(torch.ops.pykernels.divergence_forward_with_grad, args)
     loss, stats, gs, gt = torch.ops.pykernels.divergence_forward_with_grad(*args)
-    ones = torch.ones(6)
+    ones = torch.full((6,), 0.3)
     ref_s, ref_t = torch.ops.pykernels.divergence_backward(
         ones, s.detach(), t.detach(), row_valid, stats, kind_int, w, 0.8, *flags)
     for got, want, wanted in ((gs, ref_s, flags[0]), (gt, ref_t, flags[1])):

@@ -72,7 +72,7 @@ at::Tensor empty_grad(const at::Tensor& x, bool wanted) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_with_grad_cpu(
     const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& row_valid, int64_t kind, double w, double inv_temperature,
-    bool student_grad, bool teacher_grad) {
+    bool student_grad, bool teacher_grad, double row_weight) {
   check_divergence_inputs(student, teacher, row_valid, kind, c10::DeviceType::CPU);
   const int64_t B = student.size(0), T = student.size(1), V = student.size(2), N = B * T;
   auto f32 = student.options().dtype(at::kFloat);
@@ -93,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_wi
                       row_loss.mutable_data_ptr<float>(),
                       stats.mutable_data_ptr<float>(),
                       student_grad ? grad_s.mutable_data_ptr() : nullptr,
-                      teacher_grad ? grad_t.mutable_data_ptr() : nullptr};
+                      teacher_grad ? grad_t.mutable_data_ptr() : nullptr,
+                      static_cast<float>(row_weight)};
   kernels().forward(args);
   return {row_loss, stats, grad_s, grad_t};
 }
@@ -104,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_forward_cpu(const at::Tensor& stud
                                                           int64_t kind, double w,
                                                           double inv_temperature) {
   auto [row_loss, stats, gs, gt] = divergence_forward_with_grad_cpu(
-      student, teacher, row_valid, kind, w, inv_temperature, false, false);
+      student, teacher, row_valid, kind, w, inv_temperature, false, false, 1.0);
   return {row_loss, stats};
 }
 

@@ -45,6 +45,14 @@ struct VecOps {
 
 constexpr int64_t kLanes = Vec::size();
 
+// Hot loops are flattened: GCC otherwise keeps at::vec's exp_u20 and the pk_math.h element
+// functions out of line in some of them, and the calls spill every vector register.
+#if defined(__GNUC__)
+#define PK_FLATTEN __attribute__((flatten))
+#else
+#define PK_FLATTEN
+#endif
+
 float hsum(Vec v) {
   float lanes[kLanes];
   v.store(lanes);
@@ -157,11 +165,10 @@ struct OnlineSum {
   float m = -INFINITY;
   Vec lanes{0.f};
   float tail = 0.f;
-  // Moves the reference max to m_new; returns the factor the old sums were scaled by.
+  // Moves the reference max to m_new (callers check m_new != m: -inf == -inf means nothing
+  // was accumulated yet); scales the scalar tail and returns the factor for the lane sums.
   float rebase(float m_new) {
-    if (m_new == m) return 1.f;  // also -inf == -inf: nothing accumulated yet
     const float f = ::expf(m - m_new);  // 0 from -inf, NaN if m_new is NaN
-    lanes = lanes * Vec(f);
     tail *= f;
     m = m_new;
     return f;
@@ -176,61 +183,114 @@ struct Pass1 {
 // Pass 1 over a row: log-sum-exp of s and t in one read of the input, plus the forward-KL
 // cross sum sum exp(t - max_t) (t - s) when asked, and the shifted exponentials when
 // `sc.es` is set.
-template <typename scalar_t>
-Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv_t,
-                bool want_cross, Scratch& sc) {
+// Block sums of pass 1, kept in registers across a block: two accumulators per quantity so
+// consecutive vectors do not wait on each other's add (one chain was the loop's bottleneck).
+struct BlockAcc {
+  Vec s0{0.f}, s1{0.f}, t0{0.f}, t1{0.f}, x0{0.f}, x1{0.f};
+};
+
+template <bool kCross, bool kKeep, typename scalar_t>
+PK_FLATTEN int64_t pass1_block_vec(const float* sb, const float* tb, int64_t n, Vec vms, Vec vmt, bool s_live,
+                        bool t_live, float* es, float* et, const Prefetcher<scalar_t>& next,
+                        BlockAcc& acc) {
+  Vec s0 = acc.s0, s1 = acc.s1, t0 = acc.t0, t1 = acc.t1, x0 = acc.x0, x1 = acc.x1;
+  const Vec zero(0.f);
+  const auto step = [&](int64_t i, Vec& as, Vec& at, Vec& ax) {
+    const Vec vs = Vec::loadu(sb + i), vt = Vec::loadu(tb + i);
+    const Vec e_s = s_live ? VecOps::exp(vs - vms) : zero;
+    const Vec e_t = t_live ? VecOps::exp(vt - vmt) : zero;
+    as = as + e_s;
+    at = at + e_t;
+    if constexpr (kCross) ax = ax + math::fkl_cross_term<VecOps, Vec>(e_t, vt, vs);
+    if constexpr (kKeep) {
+      e_s.store(es + i);
+      e_t.store(et + i);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    next(i);
+    next(i + kLanes);
+    step(i, s0, t0, x0);
+    step(i + kLanes, s1, t1, x1);
+  }
+  for (; i + kLanes <= n; i += kLanes) {
+    next(i);
+    step(i, s0, t0, x0);
+  }
+  acc = {s0, s1, t0, t1, x0, x1};
+  return i;
+}
+
+// Pass 1 over a row: log-sum-exp of s and t in one read of the input, plus the forward-KL
+// cross sum sum exp(t - max_t) (t - s) when kCross, and the shifted exponentials when kKeep.
+template <bool kCross, bool kKeep, typename scalar_t>
+Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv_t, Scratch& sc) {
   OnlineSum q_sum, p_sum;
-  Vec cross(0.f);
+  BlockAcc acc;
   float cross_tail = 0.f;
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, V - b0);
     const float* sb = block_values(srow + b0, n, inv_t, sc.sb);
     const float* tb = block_values(trow + b0, n, inv_t, sc.tb);
-    q_sum.rebase(nan_max(q_sum.m, block_max(sb, n)));
-    const float f_t = p_sum.rebase(nan_max(p_sum.m, block_max(tb, n)));
-    if (want_cross && f_t != 1.f) {  // an underflowed factor drops an inf sum, not NaN
-      cross = math::xmul0<VecOps, Vec>(Vec(f_t), cross);
-      cross_tail = math::xmul0<ScalarOps, float>(f_t, cross_tail);
+    // Rebase the running sums (lane accumulators included) onto the new maxima.
+    const float m_s = nan_max(q_sum.m, block_max(sb, n));
+    const float m_t = nan_max(p_sum.m, block_max(tb, n));
+    if (m_s != q_sum.m) {
+      const float f = q_sum.rebase(m_s);
+      acc.s0 = acc.s0 * Vec(f);
+      acc.s1 = acc.s1 * Vec(f);
+    }
+    if (m_t != p_sum.m) {
+      const float f = p_sum.rebase(m_t);
+      acc.t0 = acc.t0 * Vec(f);
+      acc.t1 = acc.t1 * Vec(f);
+      if constexpr (kCross) {  // an underflowed factor drops an inf sum, not NaN
+        acc.x0 = math::xmul0<VecOps, Vec>(Vec(f), acc.x0);
+        acc.x1 = math::xmul0<VecOps, Vec>(Vec(f), acc.x1);
+        cross_tail = math::xmul0<ScalarOps, float>(f, cross_tail);
+      }
     }
     // While a stream's max is -inf all its entries so far are -inf: they add exactly 0.
     const bool s_live = q_sum.m != -INFINITY, t_live = p_sum.m != -INFINITY;
-    const Vec vms(q_sum.m), vmt(p_sum.m);
-    float* es = sc.es ? sc.es + b0 : nullptr;
-    float* et = sc.es ? sc.et + b0 : nullptr;
+    float* es = kKeep ? sc.es + b0 : nullptr;
+    float* et = kKeep ? sc.et + b0 : nullptr;
     const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      next(i);
-      const Vec vs = Vec::loadu(sb + i), vt = Vec::loadu(tb + i);
-      const Vec e_s = s_live ? VecOps::exp(vs - vms) : Vec(0.f);
-      const Vec e_t = t_live ? VecOps::exp(vt - vmt) : Vec(0.f);
-      q_sum.lanes = q_sum.lanes + e_s;
-      p_sum.lanes = p_sum.lanes + e_t;
-      if (want_cross) cross = cross + math::fkl_cross_term<VecOps, Vec>(e_t, vt, vs);
-      if (es) {
-        e_s.store(es + i);
-        e_t.store(et + i);
-      }
-    }
+    int64_t i = pass1_block_vec<kCross, kKeep>(sb, tb, n, Vec(q_sum.m), Vec(p_sum.m), s_live,
+                                               t_live, es, et, next, acc);
     for (; i < n; ++i) {
       const float e_s = s_live ? ::expf(sb[i] - q_sum.m) : 0.f;
       const float e_t = t_live ? ::expf(tb[i] - p_sum.m) : 0.f;
       q_sum.tail += e_s;
       p_sum.tail += e_t;
-      if (want_cross) cross_tail += math::fkl_cross_term<ScalarOps, float>(e_t, tb[i], sb[i]);
-      if (es) {
+      if constexpr (kCross) cross_tail += math::fkl_cross_term<ScalarOps, float>(e_t, tb[i], sb[i]);
+      if constexpr (kKeep) {
         es[i] = e_s;
         et[i] = e_t;
       }
     }
-    if (sc.es) {
+    if constexpr (kKeep) {
       sc.blk_ms[blk] = q_sum.m;
       sc.blk_mt[blk] = p_sum.m;
     }
   }
+  q_sum.lanes = acc.s0 + acc.s1;
+  p_sum.lanes = acc.t0 + acc.t1;
   const float sum_q = q_sum.total(), sum_p = p_sum.total();
   return {math::lse_value(q_sum.m, sum_q), math::lse_value(p_sum.m, sum_p), sum_q, sum_p,
-          hsum(cross) + cross_tail};
+          hsum(acc.x0 + acc.x1) + cross_tail};
+}
+
+// Dispatches the pass-1 variants: forward KL needs the cross sum, kinds with a pass 2 or a
+// fused gradient need the exponentials kept.
+template <typename scalar_t>
+Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv_t, bool cross,
+                Scratch& sc) {
+  const bool keep = sc.es != nullptr;
+  if (cross && keep) return row_pass1<true, true>(srow, trow, V, inv_t, sc);
+  if (cross) return row_pass1<true, false>(srow, trow, V, inv_t, sc);
+  if (keep) return row_pass1<false, true>(srow, trow, V, inv_t, sc);
+  return row_pass1<false, false>(srow, trow, V, inv_t, sc);
 }
 
 // Factor turning an exponential kept in pass 1 (taken against the block's running max m_blk)
@@ -283,7 +343,7 @@ struct ProbsFromCache {
 // Writes one row's gradient(s) scale * (gq, gp) of div_grad, block by block, straight into the
 // fp32 output or through an fp32 staging block for 16-bit outputs.
 template <typename scalar_t, bool kStudent, bool kTeacher, class Probs>
-void write_grad_row(const math::DivParams& P, const scalar_t* srow, const scalar_t* trow,
+PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, const scalar_t* trow,
                     int64_t V, float inv_t, float lse_q, float lse_p, float r0, float r1,
                     float scale, scalar_t* gs_row, scalar_t* gt_row, Probs probs, float* sb,
                     float* tb, float* gs_stage, float* gt_stage) {
@@ -336,6 +396,38 @@ void zero_grad_row(scalar_t* gs_row, scalar_t* gt_row, int64_t V) {
   if (kTeacher) std::fill(gt_row, gt_row + V, scalar_t(0));
 }
 
+// Pass 2 (kinds other than forward KL): the three accumulators of div_accumulate, with
+// log-probabilities from the (cached) input and probabilities from pass 1's exponentials.
+template <typename scalar_t>
+PK_FLATTEN void row_pass2(const math::DivParams& P, const scalar_t* srow, const scalar_t* trow,
+                          int64_t V, float inv_t, const Pass1& p1, Scratch& sc, float& acc0,
+                          float& acc1, float& acc2) {
+  ProbsFromCache probs{sc, p1.lse_q, p1.lse_p};
+  const Vec vlq(p1.lse_q), vlp(p1.lse_p);
+  Vec v0(0.f), v1(0.f), v2(0.f);
+  acc0 = acc1 = acc2 = 0.f;
+  for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, V - b0);
+    const float* sv = block_values(srow + b0, n, inv_t, sc.sb);
+    const float* tv = block_values(trow + b0, n, inv_t, sc.tb);
+    probs.block(b0, blk);
+    const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      next(i);
+      const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
+      const auto [q, p] = probs.vec(i, lq, lp);
+      math::div_accumulate<VecOps, Vec>(P, lq, lp, q, p, v0, v1, v2);
+    }
+    for (; i < n; ++i) {
+      const float lq = sv[i] - p1.lse_q, lp = tv[i] - p1.lse_p;
+      const auto [q, p] = probs.scalar(i, lq, lp);
+      math::div_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2);
+    }
+  }
+  acc0 += hsum(v0), acc1 += hsum(v1), acc2 += hsum(v2);
+}
+
 // Forward, and with kStudent / kTeacher the gradient of each row loss (unit upstream
 // gradient) from the same passes: the probabilities pass 1 kept make it exp-free.
 template <typename scalar_t, bool kStudent, bool kTeacher>
@@ -366,31 +458,7 @@ void forward_rows(const DivForwardArgs& a) {
       if (fkl) {
         acc0 = math::fkl_from_cross(p1.cross, p1.sum_p, p1.lse_p, p1.lse_q);
       } else {
-        // Pass 2: log-probabilities from the (cached) input, probabilities from pass 1.
-        ProbsFromCache probs{sc, p1.lse_q, p1.lse_p};
-        const Vec vlq(p1.lse_q), vlp(p1.lse_p);
-        Vec v0(0.f), v1(0.f), v2(0.f);
-        acc0 = 0.f;
-        for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
-          const int64_t n = std::min(kBlock, V - b0);
-          const float* sv = block_values(srow + b0, n, a.inv_t, sc.sb);
-          const float* tv = block_values(trow + b0, n, a.inv_t, sc.tb);
-          probs.block(b0, blk);
-          const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
-          int64_t i = 0;
-          for (; i + kLanes <= n; i += kLanes) {
-            next(i);
-            const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
-            const auto [q, p] = probs.vec(i, lq, lp);
-            math::div_accumulate<VecOps, Vec>(P, lq, lp, q, p, v0, v1, v2);
-          }
-          for (; i < n; ++i) {
-            const float lq = sv[i] - p1.lse_q, lp = tv[i] - p1.lse_p;
-            const auto [q, p] = probs.scalar(i, lq, lp);
-            math::div_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2);
-          }
-        }
-        acc0 += hsum(v0), acc1 += hsum(v1), acc2 += hsum(v2);
+        row_pass2(P, srow, trow, V, a.inv_t, p1, sc, acc0, acc1, acc2);
       }
       float loss, r0, r1;
       math::div_finalize(P, acc0, acc1, acc2, loss, r0, r1);
@@ -401,7 +469,7 @@ void forward_rows(const DivForwardArgs& a) {
       stats[math::kStatR1] = r1;
       if constexpr (kGrad) {
         write_grad_row<scalar_t, kStudent, kTeacher>(
-            P, srow, trow, V, a.inv_t, p1.lse_q, p1.lse_p, r0, r1, a.inv_t, gs_row, gt_row,
+            P, srow, trow, V, a.inv_t, p1.lse_q, p1.lse_p, r0, r1, a.row_weight * a.inv_t, gs_row, gt_row,
             ProbsFromCache{sc, p1.lse_q, p1.lse_p}, sc.sb, sc.tb, stage.data(),
             stage.data() + kBlock);
       }

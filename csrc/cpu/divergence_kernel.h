@@ -30,6 +30,7 @@ struct DivForwardArgs {
   float* stats;         // [B*T, kStatsWidth]
   void* grad_student;   // fused forward: d row_loss[r] / d student, [B*T, V]; or nullptr
   void* grad_teacher;   // likewise for the teacher
+  float row_weight;     // the fused gradients are those of row_weight * row_loss[r]
 };
 
 struct DivBackwardArgs {
