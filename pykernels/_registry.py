@@ -13,6 +13,7 @@ O(N) stats; backward is a single pass over the logits.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import torch
@@ -101,6 +102,16 @@ def _exact_scale(scale: float | None) -> bool:
     return scale is not None and math.isfinite(scale) and scale != 0 and math.frexp(scale)[0] in (0.5, -0.5)
 
 
+def _scaled(grad: torch.Tensor, scale) -> torch.Tensor:
+    """grad * scale, in place when nothing but the autograd node holds grad (pykernels' own
+    calls drop the op's gradient outputs at once; a direct caller of the op may keep them)."""
+    # References: the ctx tuple was released by the caller; the argument and this frame's
+    # parameter remain.
+    if sys.getrefcount(grad) <= 3:
+        return grad.mul_(scale)
+    return grad * scale
+
+
 def _fused_backward(ctx, grad_row, *_unused):
     """Backward of divergence_forward_with_grad: the forward already computed the gradient of
     row_weight * row_loss (row_weight = 1 / the reduction's divisor), so the first backward of a
@@ -124,13 +135,14 @@ def _fused_backward(ctx, grad_row, *_unused):
     if usable and eager and not torch.is_grad_enabled():
         scale = _uniform_scale(grad_row, ctx.row_weight)
         if _exact_scale(scale) or student.dtype == torch.float32:
-            ctx.unit_grads = None
+            ctx.unit_grads = None  # consumed: a second backward recomputes
             if scale is None:
                 scale = grad_row.to(torch.float32).reshape(*student.shape[:-1], 1) / ctx.row_weight
             grad_s, grad_t = unit
+            del unit
             if not (isinstance(scale, float) and scale == 1.0):
-                grad_s = grad_s.mul_(scale) if want_s else None
-                grad_t = grad_t.mul_(scale) if want_t else None
+                grad_s = _scaled(grad_s, scale) if want_s else None
+                grad_t = _scaled(grad_t, scale) if want_t else None
             return (grad_s if want_s else None, grad_t if want_t else None) + (None,) * 7
     return _autograd_backward(torch.ops.pykernels.divergence_backward)(ctx, grad_row, None) + (None,) * 3
 

@@ -390,3 +390,27 @@ def test_distillation_loss_module_options():
     pk.nn.DistillationLoss(kind="jsd", beta=0.5)(s, t1).backward()
     _, _, gt_ref = ref.loss_and_grads(s, t, "jsd", beta=0.5)
     H.assert_grad_close(t1.grad, gt_ref, FP32, unit=H.oracle_unit(s, t, "jsd", {"beta": 0.5}))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("upstream", [1.0, 0.25, 3.0])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum"])
+def test_cpu_fused_gradient_under_upstream_scales(dtype, upstream, reduction):
+    """The CPU backend computes the gradient in the forward (pre-multiplied by the reduction's
+    row factor) and returns it as is, scales it (fp32, or a power of two for bf16) or
+    recomputes it (bf16 with any other scale): every route must give the torch backend's
+    gradient of the same upstream-scaled loss."""
+    s, t = H.make_pair((5, 37), dtype, seed=21)
+    labels = H.make_labels((5,), seed=21)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    got = torch.autograd.grad(upstream * H.pk().jsd(s, t, beta=0.3, labels=labels, reduction=reduction,
+                                                    backend="cpu"), (s, t))
+    s64, t64 = (x.detach().double().requires_grad_(True) for x in (s, t))
+    want = torch.autograd.grad(upstream * H.pk().jsd(s64, t64, beta=0.3, labels=labels,
+                                                     reduction=reduction, backend="torch"), (s64, t64))
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == FP32 else dict(rtol=2e-2, atol=1e-3)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, **tol)
