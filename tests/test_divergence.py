@@ -374,6 +374,36 @@ def test_large_magnitude_logits(backend, case):
     H.check_against_oracle(kind, params, s, t, backend=backend, reduction="none")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [("forward_kl", {}), ("jsd", {"beta": 0.3}), ("tvd", {})],
+                         ids=["forward_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("pattern", ["rising", "late-spike", "leading-inf", "late-nan"])
+def test_rows_spanning_blocks_with_changing_max(backend, case, pattern):
+    """Rows of several kernel blocks (V = 7000) whose running max changes late: a block far
+    above the earlier ones (kernels that take exponentials against the running max must
+    redo or rescale them), maxima rising block by block, leading blocks of -inf entries,
+    and a NaN in a late block (the row must be NaN, the other rows unaffected)."""
+    kind, params = case
+    s, t = H.make_pair((3, 7000), FP32, seed=61, kind=kind)
+    s, t = s.detach().clone(), t.detach().clone()
+    if pattern == "rising":
+        ramp = torch.linspace(0.0, 150.0, 7000)
+        s += ramp
+        t += ramp.flip(0) * 0.5
+    elif pattern == "late-spike":
+        s[:, 6000] += 180.0
+        t[:, 5000] += 120.0
+        t[1, 4500] += 300.0
+    elif pattern == "leading-inf":
+        s[:, :2500] = float("-inf")
+        t[:, :4200] = float("-inf")
+        t[:, 10] = 3.0  # one finite teacher entry where the student is -inf: forward KL is inf
+    else:
+        s[1, 6500] = float("nan")
+    H.check_against_oracle(kind, params, s, t, backend=backend, reduction="none",
+                           grads_on_finite_rows_only=pattern in ("leading-inf", "late-nan"))
+
+
 @pytest.mark.parametrize("backend,case", _params(_b(), _cases()))
 @pytest.mark.parametrize("swap", [False, True], ids=["student-small", "teacher-small"])
 def test_extreme_finite_log_ratio(backend, case, swap):

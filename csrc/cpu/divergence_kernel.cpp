@@ -189,14 +189,22 @@ struct BlockAcc {
   Vec s0{0.f}, s1{0.f}, t0{0.f}, t1{0.f}, x0{0.f}, x1{0.f};
 };
 
-template <bool kCross, bool kKeep, typename scalar_t>
-PK_FLATTEN int64_t pass1_block_vec(const float* sb, const float* tb, int64_t n, Vec vms, Vec vmt, bool s_live,
-                        bool t_live, float* es, float* et, const Prefetcher<scalar_t>& next,
-                        BlockAcc& acc) {
+// The vector part of one block of pass 1 against reference maxima (vms, vmt). With kTrackMax
+// the block's own maxima are taken in the same loop (vmax_s / vmax_t).
+template <bool kCross, bool kKeep, bool kTrackMax, typename scalar_t>
+PK_FLATTEN int64_t pass1_block_vec(const float* sb, const float* tb, int64_t n, Vec vms, Vec vmt,
+                                   bool s_live, bool t_live, float* es, float* et,
+                                   const Prefetcher<scalar_t>& next, BlockAcc& acc,
+                                   Vec& vmax_s, Vec& vmax_t) {
   Vec s0 = acc.s0, s1 = acc.s1, t0 = acc.t0, t1 = acc.t1, x0 = acc.x0, x1 = acc.x1;
+  Vec ms = vmax_s, mt = vmax_t;
   const Vec zero(0.f);
   const auto step = [&](int64_t i, Vec& as, Vec& at, Vec& ax) {
     const Vec vs = Vec::loadu(sb + i), vt = Vec::loadu(tb + i);
+    if constexpr (kTrackMax) {
+      ms = at::vec::maximum(ms, vs);
+      mt = at::vec::maximum(mt, vt);
+    }
     const Vec e_s = s_live ? VecOps::exp(vs - vms) : zero;
     const Vec e_t = t_live ? VecOps::exp(vt - vmt) : zero;
     as = as + e_s;
@@ -219,8 +227,15 @@ PK_FLATTEN int64_t pass1_block_vec(const float* sb, const float* tb, int64_t n, 
     step(i, s0, t0, x0);
   }
   acc = {s0, s1, t0, t1, x0, x1};
+  vmax_s = ms;
+  vmax_t = mt;
   return i;
 }
+
+// How far a block's max may exceed the reference max before its exponentials must be redone
+// against a new one: e^60 * V stays far below fp32's 3.4e38 for any vocabulary, and a
+// reference below the true max only makes the exponentials larger (no extra underflow).
+constexpr float kMaxSlack = 60.f;
 
 // Pass 1 over a row: log-sum-exp of s and t in one read of the input, plus the forward-KL
 // cross sum sum exp(t - max_t) (t - s) when kCross, and the shifted exponentials when kKeep.
@@ -233,7 +248,46 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
     const int64_t n = std::min(kBlock, V - b0);
     const float* sb = block_values(srow + b0, n, inv_t, sc.sb);
     const float* tb = block_values(trow + b0, n, inv_t, sc.tb);
-    // Rebase the running sums (lane accumulators included) onto the new maxima.
+    float* es = kKeep ? sc.es + b0 : nullptr;
+    float* et = kKeep ? sc.et + b0 : nullptr;
+    const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
+    if (q_sum.m > -INFINITY && p_sum.m > -INFINITY) {
+      // Speculative: exponentials against the running maxima, the block's maxima taken in the
+      // same loop; kept unless a block max overshoots by more than kMaxSlack (then redone).
+      BlockAcc part;
+      Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
+      const int64_t nv = pass1_block_vec<kCross, kKeep, true>(
+          sb, tb, n, Vec(q_sum.m), Vec(p_sum.m), true, true, es, et, next, part, vmax_s, vmax_t);
+      float bmax_s = hmax(vmax_s), bmax_t = hmax(vmax_t);
+      for (int64_t j = nv; j < n; ++j) {
+        bmax_s = nan_max(bmax_s, sb[j]);
+        bmax_t = nan_max(bmax_t, tb[j]);
+      }
+      if (bmax_s <= q_sum.m + kMaxSlack && bmax_t <= p_sum.m + kMaxSlack) {  // false on NaN
+        acc.s0 = acc.s0 + part.s0;
+        acc.s1 = acc.s1 + part.s1;
+        acc.t0 = acc.t0 + part.t0;
+        acc.t1 = acc.t1 + part.t1;
+        acc.x0 = acc.x0 + part.x0;
+        acc.x1 = acc.x1 + part.x1;
+        for (int64_t j = nv; j < n; ++j) {
+          const float e_s = ::expf(sb[j] - q_sum.m), e_t = ::expf(tb[j] - p_sum.m);
+          q_sum.tail += e_s;
+          p_sum.tail += e_t;
+          if constexpr (kCross) cross_tail += math::fkl_cross_term<ScalarOps, float>(e_t, tb[j], sb[j]);
+          if constexpr (kKeep) {
+            es[j] = e_s;
+            et[j] = e_t;
+          }
+        }
+        if constexpr (kKeep) {
+          sc.blk_ms[blk] = q_sum.m;
+          sc.blk_mt[blk] = p_sum.m;
+        }
+        continue;
+      }
+    }
+    // Exact: block maxima first, running sums rebased onto the new maxima.
     const float m_s = nan_max(q_sum.m, block_max(sb, n));
     const float m_t = nan_max(p_sum.m, block_max(tb, n));
     if (m_s != q_sum.m) {
@@ -253,11 +307,10 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
     }
     // While a stream's max is -inf all its entries so far are -inf: they add exactly 0.
     const bool s_live = q_sum.m != -INFINITY, t_live = p_sum.m != -INFINITY;
-    float* es = kKeep ? sc.es + b0 : nullptr;
-    float* et = kKeep ? sc.et + b0 : nullptr;
-    const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
-    int64_t i = pass1_block_vec<kCross, kKeep>(sb, tb, n, Vec(q_sum.m), Vec(p_sum.m), s_live,
-                                               t_live, es, et, next, acc);
+    Vec unused_s, unused_t;
+    int64_t i = pass1_block_vec<kCross, kKeep, false>(sb, tb, n, Vec(q_sum.m), Vec(p_sum.m),
+                                                      s_live, t_live, es, et, next, acc, unused_s,
+                                                      unused_t);
     for (; i < n; ++i) {
       const float e_s = s_live ? ::expf(sb[i] - q_sum.m) : 0.f;
       const float e_t = t_live ? ::expf(tb[i] - p_sum.m) : 0.f;
