@@ -1,0 +1,70 @@
+"""The CPU kernels are compiled once per instruction set (DEFAULT, AVX2, AVX-512) and picked at
+run time; only the one this CPU prefers runs in the rest of the suite. Here each build is
+forced with ATEN_CPU_CAPABILITY in a subprocess and checked against the float64 oracle."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import helpers as H
+import reference as ref
+
+CASES = [("forward_kl", {}), ("jsd", {"beta": 0.3}), ("skew_reverse_kl", {"alpha": 0.1}),
+         ("tvd", {}), ("hellinger", {})]
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import pykernels as pk
+    torch.manual_seed(0)
+    out = {}
+    for kind, params in json.loads(sys.argv[1]):
+        for dtype in (torch.float32, torch.bfloat16):
+            s = (3 * torch.randn(4, 2, 3001)).to(dtype)[:, :, :2999]
+            t = (3 * torch.randn(4, 2, 3001)).to(dtype)[:, :, :2999]
+            s[0, 0, :700] = float("-inf"); t[0, 0, :700] = float("-inf")
+            s = s.detach().requires_grad_(); t = t.detach().requires_grad_()
+            loss = pk.divergence(s, t, kind, temperature=1.3, reduction="none", backend="cpu",
+                                 **params)
+            gs, gt = torch.autograd.grad(loss.sum(), (s, t))
+            key = kind + "/" + str(dtype)
+            out[key] = [loss.tolist(), gs.float().tolist(), gt.float().tolist(),
+                        s.detach().float().tolist(), t.detach().float().tolist()]
+    print(json.dumps(out))
+""")
+
+
+def _supported(cap: str) -> bool:
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    return order.index(cap) <= order.index(torch.backends.cpu.get_cpu_capability()
+                                           if torch.backends.cpu.get_cpu_capability() in order
+                                           else "DEFAULT")
+
+
+@pytest.mark.skipif("cpu" not in H.cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("cap", ["DEFAULT", "AVX2", "AVX512"])
+def test_each_isa_build_matches_oracle(cap):
+    if not _supported(cap):
+        pytest.skip(f"this CPU cannot run the {cap} build")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (kind, params) in CASES:
+        for dtype in ("torch.float32", "torch.bfloat16"):
+            loss, gs, gt, s, t = (torch.tensor(x, dtype=torch.float64)
+                                  for x in results[f"{kind}/{dtype}"])
+            want, want_gs, want_gt = ref.loss_and_grads(s, t, kind, grad_output=1.0,
+                                                        temperature=1.3, reduction="none", **params)
+            fp32 = dtype == "torch.float32"
+            what = f"{cap} {kind} {dtype}"
+            torch.testing.assert_close(loss, want, rtol=1e-4 if fp32 else 2e-3, atol=1e-5, msg=what)
+            scale = max(want_gs.abs().max().item(), want_gt.abs().max().item())
+            atol = (1e-4 if fp32 else 2e-2) * scale
+            torch.testing.assert_close(gs, want_gs, rtol=0, atol=atol, msg=what)
+            torch.testing.assert_close(gt, want_gt, rtol=0, atol=atol, msg=what)
