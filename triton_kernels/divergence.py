@@ -96,6 +96,16 @@ def _rescale(m_old, m_new):
 
 
 @triton.jit
+def _log_probs(s_ptr, t_ptr, cols, mask, inv_t, lse_q, lse_p):
+    # log q, log p and q, p of one block once the row's log-sum-exps are known
+    sv = tl.load(s_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+    tv = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+    lq = sv - lse_q
+    lp = tv - lse_p
+    return lq, lp, _exp(lq), _exp(lp)
+
+
+@triton.jit
 def _row_base(row, T, stride0, stride1):
     # row r = b*T + t of a [B, T, V] view; 64-bit so b*stride0 cannot overflow.
     b = row // T
@@ -160,12 +170,7 @@ def _fwd_row(
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
-            sv = tl.load(s_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            tv = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            lq = sv - lse_q
-            lp = tv - lse_p
-            q = _exp(lq)
-            p = _exp(lp)
+            lq, lp, q, p = _log_probs(s_ptr, t_ptr, cols, mask, inv_t, lse_q, lse_p)
             if KIND == 1:
                 lm = _logaddexp(lp + log_w, lq + log_1mw)
                 acc0 += tl.where(mask, _xmul0(q, lq - lm), 0.0)  # KL(q||M) 
@@ -268,12 +273,7 @@ def _bwd_row(
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = cols < V
-        sv = tl.load(s_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        tv = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        lq = sv - lse_q
-        lp = tv - lse_p
-        q = _exp(lq)
-        p = _exp(lp)
+        lq, lp, q, p = _log_probs(s_ptr, t_ptr, cols, mask, inv_t, lse_q, lse_p)
         if KIND == 0:
             gq = q - p
             gp = _xmul0(p, (lp - lq) - r1)

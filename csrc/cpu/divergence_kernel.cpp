@@ -251,6 +251,24 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
     float* es = kKeep ? sc.es + b0 : nullptr;
     float* et = kKeep ? sc.et + b0 : nullptr;
     const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
+    // The block's scalar tail from element j on, and the maxima its kept exponentials use.
+    const auto finish_block = [&](int64_t j, bool s_live, bool t_live) {
+      for (; j < n; ++j) {
+        const float e_s = s_live ? ::expf(sb[j] - q_sum.m) : 0.f;
+        const float e_t = t_live ? ::expf(tb[j] - p_sum.m) : 0.f;
+        q_sum.tail += e_s;
+        p_sum.tail += e_t;
+        if constexpr (kCross) cross_tail += math::fkl_cross_term<ScalarOps, float>(e_t, tb[j], sb[j]);
+        if constexpr (kKeep) {
+          es[j] = e_s;
+          et[j] = e_t;
+        }
+      }
+      if constexpr (kKeep) {
+        sc.blk_ms[blk] = q_sum.m;
+        sc.blk_mt[blk] = p_sum.m;
+      }
+    };
     if (q_sum.m > -INFINITY && p_sum.m > -INFINITY) {
       // Speculative: exponentials against the running maxima, the block's maxima taken in the
       // same loop; kept unless a block max overshoots by more than kMaxSlack (then redone).
@@ -270,20 +288,7 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
         acc.t1 = acc.t1 + part.t1;
         acc.x0 = acc.x0 + part.x0;
         acc.x1 = acc.x1 + part.x1;
-        for (int64_t j = nv; j < n; ++j) {
-          const float e_s = ::expf(sb[j] - q_sum.m), e_t = ::expf(tb[j] - p_sum.m);
-          q_sum.tail += e_s;
-          p_sum.tail += e_t;
-          if constexpr (kCross) cross_tail += math::fkl_cross_term<ScalarOps, float>(e_t, tb[j], sb[j]);
-          if constexpr (kKeep) {
-            es[j] = e_s;
-            et[j] = e_t;
-          }
-        }
-        if constexpr (kKeep) {
-          sc.blk_ms[blk] = q_sum.m;
-          sc.blk_mt[blk] = p_sum.m;
-        }
+        finish_block(nv, true, true);
         continue;
       }
     }
@@ -311,21 +316,7 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
     int64_t i = pass1_block_vec<kCross, kKeep, false>(sb, tb, n, Vec(q_sum.m), Vec(p_sum.m),
                                                       s_live, t_live, es, et, next, acc, unused_s,
                                                       unused_t);
-    for (; i < n; ++i) {
-      const float e_s = s_live ? ::expf(sb[i] - q_sum.m) : 0.f;
-      const float e_t = t_live ? ::expf(tb[i] - p_sum.m) : 0.f;
-      q_sum.tail += e_s;
-      p_sum.tail += e_t;
-      if constexpr (kCross) cross_tail += math::fkl_cross_term<ScalarOps, float>(e_t, tb[i], sb[i]);
-      if constexpr (kKeep) {
-        es[i] = e_s;
-        et[i] = e_t;
-      }
-    }
-    if constexpr (kKeep) {
-      sc.blk_ms[blk] = q_sum.m;
-      sc.blk_mt[blk] = p_sum.m;
-    }
+    finish_block(i, s_live, t_live);
   }
   q_sum.lanes = acc.s0 + acc.s1;
   p_sum.lanes = acc.t0 + acc.t1;
