@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -92,6 +93,31 @@ def measure(fn, student, teacher, min_reps: int = 3, min_seconds: float = 2.0) -
             "reps": len(times), "extra_peak_mb": extra_mb}
 
 
+def agreement(op: str, eager, ours, student, teacher) -> str:
+    """Loss and gradient of pykernels against eager PyTorch computed in float64 on the same
+    inputs (eager in the input dtype would itself round in bf16)."""
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double()
+    ref = eager(s64, t64)
+    (ref_grad,) = torch.autograd.grad(ref, s64)
+    s = student.detach().clone().requires_grad_()
+    loss = ours(s, teacher)
+    (grad,) = torch.autograd.grad(loss, s)
+    return (f"{op:11s} {str(student.dtype)[6:]:9s} agreement with eager float64: loss {loss.item():.6f} vs "
+            f"{ref.item():.6f}, max |grad diff| {(grad.double() - ref_grad).abs().max().item():.2e} "
+            f"(max |grad| {ref_grad.abs().max().item():.2e})")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -118,6 +144,7 @@ def main(argv=None) -> list[dict]:
         teacher = (2 * torch.randn(args.rows, args.vocab, generator=gen)).to(dtype)
         for op in args.ops:
             eager, ours = OPS[op]
+            print(agreement(op, eager, ours, student, teacher), flush=True)
             providers = {"pykernels-cpu": ours, "eager": eager}
             if not args.no_compile:
                 providers["torch.compile"] = torch.compile(eager, dynamic=False)
@@ -143,7 +170,7 @@ def main(argv=None) -> list[dict]:
                 line += f"  memory {100 * ours['extra_peak_mb'] / eager_mb:5.2f}% of eager's"
             print(line)
 
-    meta = {"machine": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    meta = {"machine": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "commit": _git_commit()}
     out = args.out or RESULTS / f"divergence_{meta['date']}.json"
