@@ -21,8 +21,8 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 
-# Kernel source compiled once per instruction set, with the flags ATen uses for the same ISA.
-ISA_KERNEL = "csrc/cpu/divergence_kernel.cpp"
+# Kernel sources (csrc/cpu/*_kernel.cpp) are compiled once more per instruction set, with the
+# flags ATen uses for the same ISA.
 ISA_BUILDS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
@@ -135,19 +135,20 @@ def _build_ext_class():
             abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
             base = [cxx, "-c", "-fPIC", "-O3", "-std=c++20", "-fvisibility=hidden",
                     f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DPYKERNELS_HAVE_AVX_KERNELS"]
-            src = str(ROOT / ISA_KERNEL)
+            jobs = [(src, isa, flags) for src in sorted((CSRC / "cpu").glob("*_kernel.cpp"))
+                    for isa, flags in ISA_BUILDS.items()]
 
-            def compile_one(item):
-                isa, flags = item
-                obj = out_dir / f"divergence_kernel_{isa.lower()}.o"
+            def compile_one(job):
+                src, isa, flags = job
+                obj = out_dir / f"{src.stem}_{isa.lower()}.o"
                 cmd = base + flags + [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
-                cmd += includes + [src, "-o", str(obj)]
+                cmd += includes + [str(src), "-o", str(obj)]
                 print(" ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
                 return str(obj)
 
-            with ThreadPoolExecutor(max_workers=len(ISA_BUILDS)) as pool:
-                return list(pool.map(compile_one, ISA_BUILDS.items()))
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+                return list(pool.map(compile_one, jobs))
 
     return BuildWithIsaKernels
 

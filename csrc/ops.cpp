@@ -29,6 +29,17 @@ TORCH_LIBRARY(pykernels, m) {
       "divergence_forward_with_grad(Tensor student, Tensor teacher, Tensor? row_valid, int kind, "
       "float w, float inv_temperature, bool student_grad, bool teacher_grad, float row_weight) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Token log-probability log softmax(logits * inv_temperature)[token] per row and, with
+  // with_entropy, the entropy of that softmax; returns (logp [N], entropy [N] or empty,
+  // stats [N, 2] = (lse, entropy)) in fp32. logits is [..., V], tokens the flattened [N].
+  m.def(
+      "token_logprob_forward(Tensor logits, Tensor tokens, float inv_temperature, "
+      "bool with_entropy) -> (Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. the logits of sum_r grad_logp[r] * logp[r] + grad_entropy[r] * H[r]
+  // (grad_entropy may be empty: no entropy term).
+  m.def(
+      "token_logprob_backward(Tensor grad_logp, Tensor grad_entropy, Tensor logits, "
+      "Tensor tokens, Tensor stats, float inv_temperature) -> Tensor");
   // Gradients of sum_r grad_row[r] * row_loss[r]; an output not asked for is an empty tensor.
   m.def(
       "divergence_backward(Tensor grad_row, Tensor student, Tensor teacher, Tensor? row_valid, "

@@ -144,4 +144,40 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward_nd(
   return {grad_in_shape(gs, student, student_grad), grad_in_shape(gt, teacher, teacher_grad)};
 }
 
+// ---- token log-probs + entropy ----
+
+inline void check_logprob_inputs(const at::Tensor& logits3d, const at::Tensor& tokens,
+                                 c10::DeviceType device_type) {
+  check_divergence_inputs(logits3d, logits3d, std::nullopt, 0, device_type);
+  const int64_t N = logits3d.size(0) * logits3d.size(1);
+  TORCH_CHECK((tokens.scalar_type() == at::kLong || tokens.scalar_type() == at::kInt) &&
+                  tokens.dim() == 1 && tokens.numel() == N && tokens.is_contiguous() &&
+                  tokens.device() == logits3d.device(),
+              "pykernels: tokens must be a contiguous int64/int32 [N] tensor on the logits' device");
+}
+
+using LogprobForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&,
+                                                                          const at::Tensor&,
+                                                                          double, bool);
+using LogprobBackwardFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, double);
+
+template <LogprobForwardFn Kernel3d>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprob_forward_nd(const at::Tensor& logits,
+                                                                        const at::Tensor& tokens,
+                                                                        double inv_temperature,
+                                                                        bool with_entropy) {
+  auto x3 = as_rows3d(logits, logits).first;
+  return Kernel3d(x3, tokens, inv_temperature, with_entropy);
+}
+
+template <LogprobBackwardFn Kernel3d>
+at::Tensor token_logprob_backward_nd(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                                     const at::Tensor& logits, const at::Tensor& tokens,
+                                     const at::Tensor& stats, double inv_temperature) {
+  auto x3 = as_rows3d(logits, logits).first;
+  return grad_in_shape(Kernel3d(grad_logp, grad_entropy, x3, tokens, stats, inv_temperature),
+                       logits, true);
+}
+
 }  // namespace pykernels

@@ -262,5 +262,24 @@ PK_HD void div_grad(const DivParams& P, V lq, V lp, V q, V p, float r0, float r1
   }
 }
 
+// ---- token log-probability + entropy (RL) ----
+// Per row, s = z / T: logp = s_y - lse and H = -sum q log q = lse - sum q s, all from one read:
+// the online sums of e = exp(s - max) and of e * s (0 where e = 0, so -inf entries add nothing),
+// the latter rescaled with the max like the forward-KL cross sum.
+
+template <class Ops, class V>
+PK_HD V entropy_cross_term(V e, V s) {
+  return xmul0<Ops, V>(e, s);
+}
+
+PK_HD float entropy_from_sums(float sum_es, float sum_e, float lse) { return lse - sum_es / sum_e; }
+
+// d(g_lp * logp + g_h * H) / d s_i without the one-hot part g_lp * 1[i == y], which the caller
+// adds at the token: -g_lp q_i - g_h q_i (log q_i + H), with q log q = 0 where q = 0.
+template <class Ops, class V>
+PK_HD V logprob_entropy_grad(V lq, V q, float g_lp, float g_h, float H) {
+  return -(Ops::splat(g_lp) * q) - Ops::splat(g_h) * (xmul0<Ops, V>(q, lq) + q * Ops::splat(H));
+}
+
 }  // namespace math
 }  // namespace pykernels

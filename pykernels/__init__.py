@@ -4,7 +4,7 @@ Set TRITON_INTERPRET=1 before importing pykernels to run the Triton kernels on C
 """
 
 from . import _registry  # noqa: F401  (registers the ops: must come before any use)
-from . import nn
+from . import nn, rl
 from ._backend import available_backends
 from .functional import (
     divergence,
@@ -16,18 +16,23 @@ from .functional import (
     skew_reverse_kl,
     tvd,
 )
+from .rl import entropy, kl_penalty, token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "available_backends",
     "divergence",
+    "entropy",
     "forward_kl",
     "hellinger",
     "jsd",
+    "kl_penalty",
     "nn",
     "reverse_kl",
+    "rl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "token_logprobs",
     "tvd",
 ]

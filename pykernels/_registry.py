@@ -167,8 +167,58 @@ def _register_pair(forward_name: str, backward_name: str, fake: bool) -> None:
     )
 
 
+# ------------------------------------------------------------------ token log-probs + entropy
+def _fake_logprob_forward(logits, tokens, inv_temperature, with_entropy):
+    n = _rows(logits)
+    f32 = dict(dtype=torch.float32)
+    return (logits.new_empty((n,), **f32), logits.new_empty((n if with_entropy else 0,), **f32),
+            logits.new_empty((n, 2), **f32))
+
+
+def _fake_logprob_backward(grad_logp, grad_entropy, logits, tokens, stats, inv_temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_logprob_context(ctx, inputs, output):
+    logits, tokens, inv_temperature, _ = inputs
+    _, _, stats = output
+    ctx.save_for_backward(logits, tokens, stats)
+    ctx.inv_temperature = inv_temperature
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+
+
+def _logprob_autograd_backward(backward_op):
+    def backward(ctx, grad_logp, grad_entropy, _grad_stats):
+        logits, tokens, stats = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (grad_logp is None and grad_entropy is None):
+            return None, None, None, None
+        n = stats.shape[0]
+        grad_logp = (torch.zeros(n, dtype=torch.float32, device=logits.device) if grad_logp is None
+                     else grad_logp.to(torch.float32).contiguous())
+        grad_entropy = (logits.new_empty((0,), dtype=torch.float32) if grad_entropy is None
+                        else grad_entropy.to(torch.float32).contiguous())
+        grad = backward_op(grad_logp, grad_entropy, logits, tokens, stats, ctx.inv_temperature)
+        return grad, None, None, None
+
+    return backward
+
+
+def _register_logprob_pair(forward_name: str, backward_name: str, fake: bool) -> None:
+    if fake:
+        torch.library.register_fake(f"{_LIB}::{forward_name}")(_fake_logprob_forward)
+        torch.library.register_fake(f"{_LIB}::{backward_name}")(_fake_logprob_backward)
+    torch.library.register_autograd(
+        f"{_LIB}::{forward_name}",
+        _logprob_autograd_backward(getattr(torch.ops.pykernels, backward_name)),
+        setup_context=_setup_logprob_context)
+    torch.library.register_autograd(
+        f"{_LIB}::{backward_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 if _backend.EXTENSION_ERROR is None:
     _register_pair("divergence_forward", "divergence_backward", fake=True)
+    _register_logprob_pair("token_logprob_forward", "token_logprob_backward", fake=True)
     torch.library.register_fake("pykernels::divergence_forward_with_grad")(_fake_forward_with_grad)
     torch.library.register_autograd("pykernels::divergence_forward_with_grad", _fused_backward,
                                     setup_context=_setup_fused_context)
@@ -246,6 +296,34 @@ if _backend.HAS_TRITON:
     _register_pair("triton_divergence_forward", "triton_divergence_backward", fake=False)
     HAS_TRITON_OPS = True
 
+    try:
+        from .triton_kernels import logprobs as _triton_logprobs
+    except ImportError:  # pragma: no cover - the module ships with the package
+        _triton_logprobs = None
+
+    if _triton_logprobs is not None:
+
+        @triton_op(f"{_LIB}::triton_token_logprob_forward", mutates_args=())
+        def triton_token_logprob_forward(
+            logits: torch.Tensor, tokens: torch.Tensor, inv_temperature: float, with_entropy: bool,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x3, _ = rows3d(logits, logits)
+            return _triton_logprobs.token_logprob_forward(
+                x3, tokens, inv_temperature, with_entropy, _wrap=_launch_wrapper())
+
+        @triton_op(f"{_LIB}::triton_token_logprob_backward", mutates_args=())
+        def triton_token_logprob_backward(
+            grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.Tensor,
+            tokens: torch.Tensor, stats: torch.Tensor, inv_temperature: float,
+        ) -> torch.Tensor:
+            x3, _ = rows3d(logits, logits)
+            grad = _triton_logprobs.token_logprob_backward(
+                grad_logp, grad_entropy, x3, tokens, stats, inv_temperature, _wrap=_launch_wrapper())
+            return grad.view(logits.shape)
+
+        _register_logprob_pair("triton_token_logprob_forward", "triton_token_logprob_backward",
+                               fake=False)
+
 
 def divergence_rows(backend: str, student, teacher, row_valid, kind: int, w: float,
                     inv_temperature: float, row_weight: float = 1.0) -> torch.Tensor:
@@ -268,3 +346,14 @@ def divergence_rows(backend: str, student, teacher, row_valid, kind: int, w: flo
         op = torch.ops.pykernels.divergence_forward
     row_loss, _ = op(student, teacher, row_valid, kind, w, inv_temperature)
     return row_loss
+
+
+def token_logprob_rows(backend: str, logits, tokens, inv_temperature: float, with_entropy: bool):
+    """(logp [N], entropy [N] or None) in fp32 on the resolved backend, differentiable;
+    tokens is the flattened [N] int32/int64 tensor, already range-checked."""
+    if backend == "torch":
+        return _torch_backend.token_logprob_rows(logits, tokens, inv_temperature, with_entropy)
+    op = (torch.ops.pykernels.triton_token_logprob_forward if backend == "triton"
+          else torch.ops.pykernels.token_logprob_forward)
+    logp, entropy, _ = op(logits, tokens, inv_temperature, with_entropy)
+    return logp, (entropy if with_entropy else None)

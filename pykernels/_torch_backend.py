@@ -81,3 +81,14 @@ def divergence_rows(
     if row_valid is not None:
         rows = torch.where(row_valid, rows, torch.zeros_like(rows))
     return rows
+
+
+def token_logprob_rows(logits: torch.Tensor, tokens: torch.Tensor, inv_temperature: float,
+                       with_entropy: bool):
+    """Token log-probs [N] and (with_entropy) entropies [N] of softmax(logits * inv_t)."""
+    V = logits.shape[-1]
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lq = torch.log_softmax(logits.reshape(-1, V).to(compute) * inv_temperature, dim=-1)
+    logp = lq.gather(-1, tokens.reshape(-1, 1).long()).squeeze(-1)
+    entropy = -_xmul0(lq.exp(), lq).sum(-1) if with_entropy else None
+    return logp, entropy

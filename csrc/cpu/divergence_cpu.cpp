@@ -1,73 +1,24 @@
 // CPU implementations of the divergence ops: tensor checks, output allocation, and the
 // choice of the instruction-set build of the row kernels (divergence_kernel.cpp).
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <cstdint>
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "../ops_common.h"
 #include "divergence_kernel.h"
+#include "cpu_alloc.h"
+#include "isa.h"
 
 namespace pykernels {
 namespace cpu {
 namespace {
 
-using ForwardKernel = void (*)(const DivForwardArgs&);
-using BackwardKernel = void (*)(const DivBackwardArgs&);
 
-struct KernelSet {
-  ForwardKernel forward;
-  BackwardKernel backward;
-};
-
-// Same detection as ATen's own kernels (it honours ATEN_CPU_CAPABILITY as well).
-KernelSet pick_kernels() {
-#if defined(PYKERNELS_HAVE_AVX_KERNELS)
-  const std::string cap = at::get_cpu_capability();
-  if (cap == "AVX512") return {AVX512::divergence_forward_kernel, AVX512::divergence_backward_kernel};
-  if (cap == "AVX2") return {AVX2::divergence_forward_kernel, AVX2::divergence_backward_kernel};
-#endif
-  return {DEFAULT::divergence_forward_kernel, DEFAULT::divergence_backward_kernel};
-}
-
-const KernelSet& kernels() {
-  static const KernelSet set = pick_kernels();
-  return set;
-}
-
-// The kernel is the first to touch a fresh N x V gradient; with 4 KB pages the page faults
-// cost more than the kernel itself (about 80 ms for 262 MB on the development VM). Advising
-// transparent huge pages before the first touch, as PyTorch does for all allocations under
-// THP_MEM_ALLOC_ENABLE=1, cuts that about five-fold. Only advice: nothing changes if the
-// kernel ignores it.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (t.nbytes() < 4 * kHuge) return;
-  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (start + t.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
-RowsView rows_view(const at::Tensor& x) { return {x.const_data_ptr(), x.stride(0), x.stride(1)}; }
-
-at::Tensor empty_grad(const at::Tensor& x, bool wanted) {
-  at::Tensor g = at::empty(wanted ? x.sizes() : at::IntArrayRef{0}, x.options());
-  if (wanted) advise_huge_pages(g);
-  return g;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_with_grad_cpu(
     const at::Tensor& student, const at::Tensor& teacher,
@@ -95,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_wi
                       student_grad ? grad_s.mutable_data_ptr() : nullptr,
                       teacher_grad ? grad_t.mutable_data_ptr() : nullptr,
                       static_cast<float>(row_weight)};
-  kernels().forward(args);
+  PK_ISA_PICK(divergence_forward_kernel)(args);
   return {row_loss, stats, grad_s, grad_t};
 }
 
@@ -132,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward_cpu(
                        stats.const_data_ptr<float>(),
                        student_grad ? grad_s.mutable_data_ptr() : nullptr,
                        teacher_grad ? grad_t.mutable_data_ptr() : nullptr};
-  kernels().backward(args);
+  PK_ISA_PICK(divergence_backward_kernel)(args);
   return {grad_s, grad_t};
 }
 
