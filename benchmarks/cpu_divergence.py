@@ -51,9 +51,31 @@ def eager_jsd(student, teacher, beta=0.5, temperature=1.0):
     return (beta_t * kl_p + (1 - beta_t) * kl_q).sum() / student.shape[0]
 
 
+def eager_logprobs_entropy(logits, tokens):
+    """Token log-probs + entropy as RL trainers compute them (verl's logprobs_from_logits and
+    entropy_from_logits): log_softmax + gather, logsumexp - sum softmax * logits."""
+    logp = F.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    probs = F.softmax(logits, dim=-1)
+    ent = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    return logp, ent
+
+
+def _logprob_loss(logp, ent):
+    # A scalar that sends gradients through both outputs, as a PPO/GRPO loss with an entropy
+    # bonus does.
+    return (logp.float().sum() + 0.01 * ent.float().sum()) / logp.shape[0]
+
+
+# Each op: (eager(student, teacher, tokens), pykernels(student, teacher, tokens, backend)).
 OPS = {
-    "forward_kl": (eager_forward_kl, lambda s, t: pk.forward_kl(s, t, backend="cpu")),
-    "jsd": (eager_jsd, lambda s, t: pk.jsd(s, t, beta=0.5, backend="cpu")),
+    "forward_kl": (lambda s, t, y: eager_forward_kl(s, t),
+                   lambda s, t, y, backend: pk.forward_kl(s, t, backend=backend)),
+    "jsd": (lambda s, t, y: eager_jsd(s, t),
+            lambda s, t, y, backend: pk.jsd(s, t, beta=0.5, backend=backend)),
+    "logprobs_entropy": (
+        lambda s, t, y: _logprob_loss(*eager_logprobs_entropy(s, y)),
+        lambda s, t, y, backend: _logprob_loss(
+            *pk.token_logprobs(s, y, return_entropy=True, backend=backend))),
 }
 
 
@@ -93,7 +115,7 @@ def measure(fn, student, teacher, min_reps: int = 3, min_seconds: float = 2.0) -
             "reps": len(times), "extra_peak_mb": extra_mb}
 
 
-def agreement(op: str, eager, ours, student, teacher) -> str:
+def agreement(op: str, eager, ours, student, teacher) -> str:  # fns of (student, teacher)
     """Loss and gradient of pykernels against eager PyTorch computed in float64 on the same
     inputs (eager in the input dtype would itself round in bf16)."""
     s64 = student.detach().double().requires_grad_()
@@ -142,8 +164,11 @@ def main(argv=None) -> list[dict]:
         gen = torch.Generator().manual_seed(0)
         student = (2 * torch.randn(args.rows, args.vocab, generator=gen)).to(dtype).requires_grad_()
         teacher = (2 * torch.randn(args.rows, args.vocab, generator=gen)).to(dtype)
+        tokens = torch.randint(0, args.vocab, (args.rows,), generator=gen)
         for op in args.ops:
-            eager, ours = OPS[op]
+            eager_op, ours_op = OPS[op]
+            eager = lambda s, t, f=eager_op: f(s, t, tokens)  # noqa: E731
+            ours = lambda s, t, f=ours_op: f(s, t, tokens, "cpu")  # noqa: E731
             print(agreement(op, eager, ours, student, teacher), flush=True)
             providers = {"pykernels-cpu": ours, "eager": eager}
             if not args.no_compile:
