@@ -263,16 +263,24 @@ PK_HD void div_grad(const DivParams& P, V lq, V lp, V q, V p, float r0, float r1
 }
 
 // ---- token log-probability + entropy (RL) ----
-// Per row, s = z / T: logp = s_y - lse and H = -sum q log q = lse - sum q s, all from one read:
-// the online sums of e = exp(s - max) and of e * s (0 where e = 0, so -inf entries add nothing),
-// the latter rescaled with the max like the forward-KL cross sum.
+// Per row, s = z / T: logp = s_y - lse and H = -sum q log q = log l - c / l, with, against the
+// running max m, l = sum e, e = exp(s - m), and c = sum e (s - m) (0 where e = 0, so -inf
+// entries add nothing). Measuring c from m (not sum e s) avoids subtracting two numbers of the
+// logits' magnitude; all from one read.
 
 template <class Ops, class V>
-PK_HD V entropy_cross_term(V e, V s) {
-  return xmul0<Ops, V>(e, s);
+PK_HD V entropy_cross_term(V e, V s_minus_m) {
+  return xmul0<Ops, V>(e, s_minus_m);
 }
 
-PK_HD float entropy_from_sums(float sum_es, float sum_e, float lse) { return lse - sum_es / sum_e; }
+// c for a new running max: e' = e f with f = exp(m_old - m_new), so
+// c' = f (c + (m_old - m_new) l). xmul0 keeps an empty sum (l = 0, m_old = -inf) at 0.
+template <class Ops, class V>
+PK_HD V entropy_rebase(V c, V l, float f, float m_old, float m_new) {
+  return Ops::splat(f) * (c + xmul0<Ops, V>(l, Ops::splat(m_old - m_new)));
+}
+
+PK_HD float entropy_from_sums(float c, float l) { return ::logf(l) - c / l; }
 
 // d(g_lp * logp + g_h * H) / d s_i without the one-hot part g_lp * 1[i == y], which the caller
 // adds at the token: -g_lp q_i - g_h q_i (log q_i + H), with q log q = 0 where q = 0.

@@ -32,45 +32,44 @@ struct RowLogprob {
 template <typename scalar_t>
 PK_FLATTEN RowLogprob row_lse_entropy(const scalar_t* row, int64_t V, float inv_t, float* buf) {
   float m = -INFINITY;
-  Vec e0(0.f), e1(0.f), x0(0.f), x1(0.f);
-  float e_tail = 0.f, x_tail = 0.f;
+  Vec e0(0.f), e1(0.f), c0(0.f), c1(0.f);
+  float e_tail = 0.f, c_tail = 0.f;
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t n = std::min(kBlock, V - b0);
     const float* x = block_values(row + b0, n, inv_t, buf);
     const float m_new = nan_max(m, block_max(x, n));
-    if (!(m_new == m)) {  // rescale the sums to the new max (NaN max: everything NaN)
+    if (!(m_new == m)) {  // move the sums to the new max (a NaN max makes everything NaN)
       const float f = ::expf(m - m_new);
-      const Vec vf(f);
-      e0 = e0 * vf, e1 = e1 * vf, e_tail *= f;
-      x0 = math::xmul0<VecOps, Vec>(vf, x0), x1 = math::xmul0<VecOps, Vec>(vf, x1);
-      x_tail = math::xmul0<ScalarOps, float>(f, x_tail);
+      c0 = math::entropy_rebase<VecOps, Vec>(c0, e0, f, m, m_new);
+      c1 = math::entropy_rebase<VecOps, Vec>(c1, e1, f, m, m_new);
+      c_tail = math::entropy_rebase<ScalarOps, float>(c_tail, e_tail, f, m, m_new);
+      e0 = e0 * Vec(f), e1 = e1 * Vec(f), e_tail *= f;
       m = m_new;
     }
     if (m == -INFINITY) continue;  // all -inf so far: they add exactly 0
     const Vec vm(m);
     int64_t i = 0;
     for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-      const Vec a = Vec::loadu(x + i), b = Vec::loadu(x + i + kLanes);
-      const Vec ea = VecOps::exp(a - vm), eb = VecOps::exp(b - vm);
+      const Vec a = Vec::loadu(x + i) - vm, b = Vec::loadu(x + i + kLanes) - vm;
+      const Vec ea = VecOps::exp(a), eb = VecOps::exp(b);
       e0 = e0 + ea, e1 = e1 + eb;
-      x0 = x0 + math::entropy_cross_term<VecOps, Vec>(ea, a);
-      x1 = x1 + math::entropy_cross_term<VecOps, Vec>(eb, b);
+      c0 = c0 + math::entropy_cross_term<VecOps, Vec>(ea, a);
+      c1 = c1 + math::entropy_cross_term<VecOps, Vec>(eb, b);
     }
     for (; i + kLanes <= n; i += kLanes) {
-      const Vec a = Vec::loadu(x + i);
-      const Vec ea = VecOps::exp(a - vm);
+      const Vec a = Vec::loadu(x + i) - vm;
+      const Vec ea = VecOps::exp(a);
       e0 = e0 + ea;
-      x0 = x0 + math::entropy_cross_term<VecOps, Vec>(ea, a);
+      c0 = c0 + math::entropy_cross_term<VecOps, Vec>(ea, a);
     }
     for (; i < n; ++i) {
-      const float e = ::expf(x[i] - m);
+      const float a = x[i] - m, e = ::expf(a);
       e_tail += e;
-      x_tail += math::entropy_cross_term<ScalarOps, float>(e, x[i]);
+      c_tail += math::entropy_cross_term<ScalarOps, float>(e, a);
     }
   }
-  const float sum_e = hsum(e0 + e1) + e_tail, sum_es = hsum(x0 + x1) + x_tail;
-  const float lse = math::lse_value(m, sum_e);
-  return {lse, math::entropy_from_sums(sum_es, sum_e, lse)};
+  const float l = hsum(e0 + e1) + e_tail, c = hsum(c0 + c1) + c_tail;
+  return {math::lse_value(m, l), math::entropy_from_sums(c, l)};
 }
 
 template <typename scalar_t>
