@@ -14,28 +14,30 @@ namespace pykernels {
 namespace cpu {
 namespace {
 
+// The fields both argument structs share: logits geometry, tokens, temperature.
 template <class Args>
-void set_tokens(Args& args, const at::Tensor& tokens) {
+Args row_args(const at::Tensor& logits, const at::Tensor& tokens, double inv_temperature) {
+  Args args{};
+  args.dtype = logits.scalar_type();
+  args.B = logits.size(0), args.T = logits.size(1), args.V = logits.size(2);
+  args.logits = rows_view(logits);
   args.tokens64 = tokens.scalar_type() == at::kLong ? tokens.const_data_ptr<int64_t>() : nullptr;
   args.tokens32 = tokens.scalar_type() == at::kInt ? tokens.const_data_ptr<int32_t>() : nullptr;
+  args.inv_t = static_cast<float>(inv_temperature);
+  return args;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprob_forward_cpu(
     const at::Tensor& logits, const at::Tensor& tokens, double inv_temperature,
     bool with_entropy) {
   check_logprob_inputs(logits, tokens, c10::DeviceType::CPU);
-  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
+  const int64_t N = logits.size(0) * logits.size(1);
   auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({N}, f32);
   at::Tensor entropy = at::empty({with_entropy ? N : 0}, f32);
   at::Tensor stats = at::empty({N, 2}, f32);
   if (N == 0) return {logp, entropy, stats};
-  LogprobForwardArgs args{};
-  args.dtype = logits.scalar_type();
-  args.B = B, args.T = T, args.V = V;
-  args.logits = rows_view(logits);
-  set_tokens(args, tokens);
-  args.inv_t = static_cast<float>(inv_temperature);
+  auto args = row_args<LogprobForwardArgs>(logits, tokens, inv_temperature);
   args.logp = logp.mutable_data_ptr<float>();
   args.entropy = with_entropy ? entropy.mutable_data_ptr<float>() : nullptr;
   args.stats = stats.mutable_data_ptr<float>();
@@ -47,7 +49,7 @@ at::Tensor token_logprob_backward_cpu(const at::Tensor& grad_logp, const at::Ten
                                       const at::Tensor& logits, const at::Tensor& tokens,
                                       const at::Tensor& stats, double inv_temperature) {
   check_logprob_inputs(logits, tokens, c10::DeviceType::CPU);
-  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
+  const int64_t N = logits.size(0) * logits.size(1);
   TORCH_CHECK(grad_logp.scalar_type() == at::kFloat && grad_logp.numel() == N &&
                   grad_logp.is_contiguous(),
               "pykernels: grad_logp must be a contiguous float32 [N] tensor");
@@ -59,12 +61,7 @@ at::Tensor token_logprob_backward_cpu(const at::Tensor& grad_logp, const at::Ten
               "pykernels: stats must be a contiguous float32 [N, 2] tensor");
   at::Tensor grad = empty_grad(logits, true);
   if (N == 0) return grad;
-  LogprobBackwardArgs args{};
-  args.dtype = logits.scalar_type();
-  args.B = B, args.T = T, args.V = V;
-  args.logits = rows_view(logits);
-  set_tokens(args, tokens);
-  args.inv_t = static_cast<float>(inv_temperature);
+  auto args = row_args<LogprobBackwardArgs>(logits, tokens, inv_temperature);
   args.grad_logp = grad_logp.const_data_ptr<float>();
   args.grad_entropy = grad_entropy.numel() ? grad_entropy.const_data_ptr<float>() : nullptr;
   args.stats = stats.const_data_ptr<float>();
