@@ -3,7 +3,7 @@
 // Contract: the op schemas in ../ops.cpp and pykernels/_registry.py (shared with the CPU and
 // Triton backends). All per-element and
 // per-row math comes from ../pk_math.h (ScalarOps policy); this file only organises the
-// memory traffic and the reductions.
+// memory traffic and the reductions (chunked row I/O and block reductions: row_io.cuh).
 //
 // Layout: one thread block per row r = b*T + t (row pointer = base + b*stride0 + t*stride1,
 // 64-bit offsets). Each thread owns 16-byte "chunks" (4 fp32 or 8 fp16/bf16 values) at
@@ -49,6 +49,7 @@
 
 #include "../ops_common.h"
 #include "../pk_math.h"
+#include "row_io.cuh"
 
 namespace pykernels {
 namespace cuda_div {
@@ -57,20 +58,11 @@ namespace {
 using math::DivParams;
 using math::ScalarOps;
 
-constexpr int kMaxThreads = 1024;
-constexpr int kMinThreads = 64;
-constexpr int kWarp = 32;
-constexpr int kChunkBytes = 16;
+using namespace cuda_rows;
+
 // Static shared memory (reduction scratch) plus slack, subtracted from the opt-in limit
 // when sizing the row cache.
 constexpr int kStaticSmemReserve = 2048;
-
-// 16 bytes of logits, viewed either as one 128-bit word (for the load/store) or as values.
-template <typename scalar_t, int VEC>
-union alignas(16) Pack {
-  uint4 u;
-  scalar_t v[VEC];
-};
 
 template <typename scalar_t>
 struct RowArgs {
@@ -81,66 +73,6 @@ struct RowArgs {
   int64_t V;
   const bool* row_valid;  // [B*T] or nullptr (all rows valid)
 };
-
-struct RowSplit {
-  int64_t head;     // elements before the first 16-byte boundary (scalar path)
-  int64_t nchunks;  // whole VEC-element chunks after the head
-  int nextra;       // head + tail elements, one per thread (< 2 * VEC <= blockDim)
-  bool vec;         // chunks may use 128-bit loads
-};
-
-// 128-bit loads need s and t rows at the same offset within 16 bytes (the chunk grid is
-// shared by both); otherwise every chunk is loaded element by element.
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ RowSplit split_row(const scalar_t* ps, const scalar_t* pt,
-                                              int64_t V) {
-  const auto as = reinterpret_cast<uintptr_t>(ps) % kChunkBytes;
-  const auto at_ = reinterpret_cast<uintptr_t>(pt) % kChunkBytes;
-  RowSplit R;
-  R.vec = (as == at_) && (as % sizeof(scalar_t) == 0);
-  int64_t head = R.vec ? static_cast<int64_t>(((kChunkBytes - as) % kChunkBytes) / sizeof(scalar_t)) : 0;
-  if (head > V) head = V;
-  R.head = head;
-  R.nchunks = (V - head) / VEC;
-  R.nextra = static_cast<int>(V - R.nchunks * VEC);
-  return R;
-}
-
-// Element index of the e-th head/tail element.
-template <int VEC>
-__device__ __forceinline__ int64_t extra_index(const RowSplit& R, int e) {
-  return e < R.head ? e : R.head + R.nchunks * VEC + (e - R.head);
-}
-
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ Pack<scalar_t, VEC> load_chunk(const scalar_t* p, bool vec) {
-  Pack<scalar_t, VEC> pk;
-  if (vec) {
-    pk.u = *reinterpret_cast<const uint4*>(p);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) pk.v[i] = p[i];
-  }
-  return pk;
-}
-
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void store_chunk(scalar_t* p, const Pack<scalar_t, VEC>& pk, bool vec) {
-  if (vec) {
-    *reinterpret_cast<uint4*>(p) = pk.u;
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) p[i] = pk.v[i];
-  }
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ const scalar_t* row_ptr(const scalar_t* base, int64_t r, int64_t T,
-                                                   int64_t st0, int64_t st1) {
-  const int64_t b = r / T;
-  const int64_t t = r - b * T;
-  return base + b * st0 + t * st1;
-}
 
 // ---------------------------------------------------------------------------------------
 // Pass-1 statistics.
@@ -230,68 +162,25 @@ __device__ __forceinline__ void stats_merge(RowStats& a, const RowStats& b) {
   }
 }
 
-template <int KIND>
-__device__ __forceinline__ void warp_merge_stats(RowStats& v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) {
-    RowStats o;
-    o.mq = __shfl_down_sync(0xffffffffu, v.mq, off);
-    o.sq = __shfl_down_sync(0xffffffffu, v.sq, off);
-    o.mt = __shfl_down_sync(0xffffffffu, v.mt, off);
-    o.st = __shfl_down_sync(0xffffffffu, v.st, off);
-    o.cross = __shfl_down_sync(0xffffffffu, v.cross, off);
-    stats_merge<KIND>(v, o);
-  }
-}
-
-// Block-wide merge; every thread gets the same (lane 0 of warp 0's) result, so all threads
-// use bit-identical lse values in pass 2.
+// Block-wide merge; every thread gets the same (thread 0's) result, so all threads use
+// bit-identical lse values in pass 2.
 template <int KIND>
 __device__ __forceinline__ RowStats block_merge_stats(RowStats v, RowStats* sh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int nwarps = blockDim.x / kWarp;
-  warp_merge_stats<KIND>(v);
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nwarps ? sh[lane] : empty_stats();
-    warp_merge_stats<KIND>(v);
-    if (lane == 0) sh[0] = v;
-  }
-  __syncthreads();
-  return sh[0];
+  return block_allreduce(v, sh, empty_stats(),
+                         [](RowStats& a, const RowStats& b) { stats_merge<KIND>(a, b); });
 }
 
 // Sum of three floats over the block; the result is valid in thread 0.
 __device__ __forceinline__ void block_sum3(float& a0, float& a1, float& a2, float3* sh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int nwarps = blockDim.x / kWarp;
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) {
-    a0 += __shfl_down_sync(0xffffffffu, a0, off);
-    a1 += __shfl_down_sync(0xffffffffu, a1, off);
-    a2 += __shfl_down_sync(0xffffffffu, a2, off);
-  }
-  if (lane == 0) sh[warp] = make_float3(a0, a1, a2);
-  __syncthreads();
-  if (warp == 0) {
-    const float3 v = lane < nwarps ? sh[lane] : make_float3(0.f, 0.f, 0.f);
-    a0 = v.x;
-    a1 = v.y;
-    a2 = v.z;
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off /= 2) {
-      a0 += __shfl_down_sync(0xffffffffu, a0, off);
-      a1 += __shfl_down_sync(0xffffffffu, a1, off);
-      a2 += __shfl_down_sync(0xffffffffu, a2, off);
-    }
-  }
-}
-
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void to_float(const Pack<scalar_t, VEC>& pk, float inv_t, float (&x)[VEC]) {
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) x[i] = static_cast<float>(pk.v[i]) * inv_t;
+  const float3 v = block_reduce(make_float3(a0, a1, a2), sh, make_float3(0.f, 0.f, 0.f),
+                                [](float3& x, const float3& y) {
+                                  x.x += y.x;
+                                  x.y += y.y;
+                                  x.z += y.z;
+                                });
+  a0 = v.x;
+  a1 = v.y;
+  a2 = v.z;
 }
 
 template <int KIND, typename scalar_t, int VEC>
@@ -539,15 +428,6 @@ __global__ void __launch_bounds__(kMaxThreads)
 // ---------------------------------------------------------------------------------------
 // Host side.
 
-// Threads per row: about 4+ chunks per thread, 64..1024 (power of two).
-int pick_threads(int64_t V, int vec) {
-  const int64_t chunks = (V + vec - 1) / vec;
-  const int64_t want = (chunks + 3) / 4;
-  int t = kMinThreads;
-  while (t < want && t < kMaxThreads) t *= 2;
-  return t;
-}
-
 // Opt-in shared memory per block of the current device (a driver attribute query, no sync).
 int max_smem_optin() {
   const int dev = c10::cuda::current_device();
@@ -612,14 +492,6 @@ void launch_backward(const RowArgs<scalar_t>& a, const DivParams& P, float inv_t
           a, P, inv_t, grad_row, stats, gs, gt);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-// float / half / bfloat16 only (AT_DISPATCH_FLOATING_TYPES_AND2 would also instantiate every
-// kernel for double, which the contract excludes).
-#define PK_DISPATCH_LOGIT_TYPES(TYPE, NAME, ...)                      \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 // Runtime kind -> template argument.
 template <class F>
