@@ -275,15 +275,32 @@ PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, c
       gt = kTeacher ? reinterpret_cast<float*>(gt_row) + b0 : nullptr;
     }
     const Prefetcher<scalar_t> next{srow, trow, need_logits ? b0 + kBlock : V, V};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      next(i);
+    const auto grads = [&](int64_t i) {
       const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
       const auto [q, p] = probs.vec(i, lq, lp);
       Vec gq, gp;
       math::div_grad<VecOps, Vec>(P, lq, lp, q, p, r0, r1, gq, gp);
-      if (kStudent) (gq * vscale).store(gs + i);
-      if (kTeacher) (gp * vscale).store(gt + i);
+      return std::pair<Vec, Vec>{gq * vscale, gp * vscale};
+    };
+    int64_t i = 0;
+    if constexpr (!kDirect) {
+      // 16-bit outputs: two fp32 vectors rounded into one 16-bit vector, no staging round trip.
+      using RVec = at::vec::Vectorized<scalar_t>;
+      for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+        next(i);
+        next(i + kLanes);
+        const auto [gq0, gp0] = grads(i);
+        const auto [gq1, gp1] = grads(i + kLanes);
+        if (kStudent) RVec(at::vec::convert_from_float<scalar_t>(gq0, gq1)).store(gs_row + b0 + i);
+        if (kTeacher) RVec(at::vec::convert_from_float<scalar_t>(gp0, gp1)).store(gt_row + b0 + i);
+      }
+    }
+    const int64_t staged = i;  // 16-bit: what is left goes through the fp32 staging block
+    for (; i + kLanes <= n; i += kLanes) {
+      next(i);
+      const auto [gq, gp] = grads(i);
+      if (kStudent) gq.store(gs + i);
+      if (kTeacher) gp.store(gt + i);
     }
     for (; i < n; ++i) {
       const float lq = sv[i] - lse_q, lp = tv[i] - lse_p;
@@ -294,8 +311,8 @@ PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, c
       if (kTeacher) gt[i] = gp * scale;
     }
     if constexpr (!kDirect) {
-      if (kStudent) store_block(gs_stage, gs_row + b0, n);
-      if (kTeacher) store_block(gt_stage, gt_row + b0, n);
+      if (kStudent) store_block(gs_stage + staged, gs_row + b0 + staged, n - staged);
+      if (kTeacher) store_block(gt_stage + staged, gt_row + b0 + staged, n - staged);
     }
   }
 }
