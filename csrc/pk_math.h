@@ -57,7 +57,6 @@ inline DivParams make_div_params(int64_t kind, double w) {
 // Scalar policy (float). Comparisons return bool; select(c, a, b) = c ? a : b.
 struct ScalarOps {
   using V = float;
-  using M = bool;
   static PK_HD float exp(float x) { return ::expf(x); }
   static PK_HD float log(float x) { return ::logf(x); }
   static PK_HD float sqrt(float x) { return ::sqrtf(x); }

@@ -252,7 +252,6 @@ def rows3d(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (x.as_strided(size, (outer[1], inner[1], 1)), y.as_strided(size, (outer[2], inner[2], 1)))
 
 
-HAS_TRITON_OPS = False
 if _backend.HAS_TRITON:
     from typing import Optional
 
@@ -294,35 +293,29 @@ if _backend.HAS_TRITON:
         return grad_s, grad_t
 
     _register_pair("triton_divergence_forward", "triton_divergence_backward", fake=False)
-    HAS_TRITON_OPS = True
 
-    try:
-        from .triton_kernels import logprobs as _triton_logprobs
-    except ImportError:  # pragma: no cover - the module ships with the package
-        _triton_logprobs = None
+    from .triton_kernels import logprobs as _triton_logprobs
 
-    if _triton_logprobs is not None:
+    @triton_op(f"{_LIB}::triton_token_logprob_forward", mutates_args=())
+    def triton_token_logprob_forward(
+        logits: torch.Tensor, tokens: torch.Tensor, inv_temperature: float, with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x3, _ = rows3d(logits, logits)
+        return _triton_logprobs.token_logprob_forward(
+            x3, tokens, inv_temperature, with_entropy, _wrap=_launch_wrapper())
 
-        @triton_op(f"{_LIB}::triton_token_logprob_forward", mutates_args=())
-        def triton_token_logprob_forward(
-            logits: torch.Tensor, tokens: torch.Tensor, inv_temperature: float, with_entropy: bool,
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            x3, _ = rows3d(logits, logits)
-            return _triton_logprobs.token_logprob_forward(
-                x3, tokens, inv_temperature, with_entropy, _wrap=_launch_wrapper())
+    @triton_op(f"{_LIB}::triton_token_logprob_backward", mutates_args=())
+    def triton_token_logprob_backward(
+        grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.Tensor,
+        tokens: torch.Tensor, stats: torch.Tensor, inv_temperature: float,
+    ) -> torch.Tensor:
+        x3, _ = rows3d(logits, logits)
+        grad = _triton_logprobs.token_logprob_backward(
+            grad_logp, grad_entropy, x3, tokens, stats, inv_temperature, _wrap=_launch_wrapper())
+        return grad.view(logits.shape)
 
-        @triton_op(f"{_LIB}::triton_token_logprob_backward", mutates_args=())
-        def triton_token_logprob_backward(
-            grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.Tensor,
-            tokens: torch.Tensor, stats: torch.Tensor, inv_temperature: float,
-        ) -> torch.Tensor:
-            x3, _ = rows3d(logits, logits)
-            grad = _triton_logprobs.token_logprob_backward(
-                grad_logp, grad_entropy, x3, tokens, stats, inv_temperature, _wrap=_launch_wrapper())
-            return grad.view(logits.shape)
-
-        _register_logprob_pair("triton_token_logprob_forward", "triton_token_logprob_backward",
-                               fake=False)
+    _register_logprob_pair("triton_token_logprob_forward", "triton_token_logprob_backward",
+                           fake=False)
 
 
 def divergence_rows(backend: str, student, teacher, row_valid, kind: int, w: float,

@@ -24,8 +24,10 @@ The loss is always float32; gradients come back in the input dtype.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
+import pytest
 import torch
 
 import reference as ref
@@ -274,6 +276,18 @@ def assert_grad_close(g: torch.Tensor | None, expected: torch.Tensor, dtype, wha
             f"{err[idx].item():.3e} > tol {tol[idx].item():.3e} (= {rel}*max|ref| {scale:.3e} "
             f"+ {floor} + ulp term {u[idx].item():.3e}); max abs err overall {err.max().item():.3e}"
         )
+
+
+def param_grid(*axes, skip=None):
+    """Cartesian product of axes as pytest.params, minus the combos where skip(*values) is true.
+    Each axis is (values, ids), or (name, values, ids) with the name only for the reader."""
+    out = []
+    for combo in itertools.product(*[list(zip(axis[-2], axis[-1])) for axis in axes]):
+        values = [c[0] for c in combo]
+        if skip is not None and skip(*values):
+            continue
+        out.append(pytest.param(*values, id="-".join(str(c[1]) for c in combo)))
+    return out
 
 
 def make_grad_output(loss_shape, seed=0):

@@ -25,17 +25,7 @@ KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _params(*axes, skip=None):
-    """Cartesian product of (name, values, ids) axes as pytest.params, minus `skip(*combo)`."""
-    import itertools
-
-    out = []
-    for combo in itertools.product(*[list(zip(vals, ids)) for _, vals, ids in axes]):
-        values = [c[0] for c in combo]
-        if skip is not None and skip(*values):
-            continue
-        out.append(pytest.param(*values, id="-".join(str(c[1]) for c in combo)))
-    return out
+_params = H.param_grid
 
 
 def _b(vals=None):

@@ -50,17 +50,7 @@ def rl():
     return pykernels.rl
 
 
-def _params(*axes, skip=None):
-    """Cartesian product of (values, ids) axes as pytest.params, minus `skip(*combo)`."""
-    import itertools
-
-    out = []
-    for combo in itertools.product(*[list(zip(vals, ids)) for vals, ids in axes]):
-        values = [c[0] for c in combo]
-        if skip is not None and skip(*values):
-            continue
-        out.append(pytest.param(*values, id="-".join(str(c[1]) for c in combo)))
-    return out
+_params = H.param_grid
 
 
 # ============================================================================ inputs

@@ -1,7 +1,7 @@
 // CPU row kernels for the divergence ops. This file is compiled three times (setup.py):
 // as part of the extension's ordinary sources (CPU_CAPABILITY = DEFAULT, at::vec's scalar
 // fallback) and with -mavx2 / -mavx512* plus CPU_CAPABILITY_AVX2 / _AVX512, which turns
-// at::vec::Vectorized<float> into real SIMD. divergence_cpu.cpp picks one at run time.
+// at::vec::Vectorized<float> into real SIMD. isa.h picks one at run time.
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
 #endif
