@@ -180,4 +180,61 @@ at::Tensor token_logprob_backward_nd(const at::Tensor& grad_logp, const at::Tens
                        logits, true);
 }
 
+// ---- softmax cdist ----
+
+// x [Bt, G, V] logits with unit vocabulary stride (the op contract; pykernels/_sinkhorn.py
+// builds these views), on the given device.
+inline void check_cdist_rows(const at::Tensor& x, const char* name, c10::DeviceType device_type) {
+  TORCH_CHECK(x.dim() == 3, "pykernels: ", name, " must be a [Bt, G, V] view, got ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "pykernels: ", name, " must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.device().type() == device_type, "pykernels: ", name, " must be a ", device_type,
+              " tensor");
+  TORCH_CHECK(x.size(2) >= 1, "pykernels: the vocabulary dimension of ", name, " is empty");
+  TORCH_CHECK(x.size(2) == 1 || x.stride(2) == 1,
+              "pykernels: the vocabulary dimension of ", name, " must have unit stride");
+}
+
+inline void check_cdist_pair(const at::Tensor& x, const at::Tensor& y,
+                             const std::optional<at::Tensor>& row_valid, int64_t cost,
+                             c10::DeviceType device_type) {
+  check_cdist_rows(x, "student", device_type);
+  check_cdist_rows(y, "teacher", device_type);
+  TORCH_CHECK(x.size(0) == y.size(0) && x.size(2) == y.size(2), "pykernels: ", x.sizes(), " and ",
+              y.sizes(), " must agree in batch and vocabulary size");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.device() == y.device(),
+              "pykernels: both sides must have the same dtype and device");
+  TORCH_CHECK(cost >= 0 && cost < math::kNumCdistCosts, "pykernels: unknown cdist cost ", cost);
+  if (row_valid) {
+    TORCH_CHECK(x.size(1) == y.size(1), "pykernels: row_valid needs as many rows on both sides");
+    TORCH_CHECK(row_valid->scalar_type() == at::kBool && row_valid->dim() == 1 &&
+                    row_valid->numel() == x.size(0) * x.size(1) && row_valid->is_contiguous() &&
+                    row_valid->device() == x.device(),
+                "pykernels: row_valid must be a contiguous bool [Bt*G] tensor on the logits' device");
+  }
+}
+
+inline void check_f32(const at::Tensor& t, at::IntArrayRef sizes, const char* name,
+                      const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.sizes() == sizes && t.is_contiguous() &&
+                  t.device() == like.device(),
+              "pykernels: ", name, " must be a contiguous float32 ", sizes, " tensor on the logits' device, got ",
+              t.sizes());
+}
+
+// The backward op's contract, checked once for every device's kernel.
+inline void check_cdist_backward(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& y,
+                                 const at::Tensor& lse_x, const at::Tensor& lse_y,
+                                 const at::Tensor& dot_x,
+                                 const std::optional<at::Tensor>& row_valid, int64_t cost,
+                                 c10::DeviceType device_type) {
+  check_cdist_pair(x, y, row_valid, cost, device_type);
+  const int64_t Bt = x.size(0), Gx = x.size(1), Gy = y.size(1);
+  check_f32(weight, {Bt, Gx, Gy}, "weight", x);
+  check_f32(lse_x, {Bt * Gx}, "lse_x", x);
+  check_f32(lse_y, {Bt * Gy}, "lse_y", x);
+  check_f32(dot_x, {Bt * Gx}, "dot_x", x);
+}
+
 }  // namespace pykernels

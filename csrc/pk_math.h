@@ -288,5 +288,38 @@ PK_HD V logprob_entropy_grad(V lq, V q, float g_lp, float g_h, float H) {
   return -(Ops::splat(g_lp) * q) - Ops::splat(g_h) * (xmul0<Ops, V>(q, lq) + q * Ops::splat(H));
 }
 
+// ---- softmax cdist (Sinkhorn costs between softmax rows) ----
+
+// Cost per vocabulary element between two probabilities, d = q - p (must match
+// pykernels/_sinkhorn.py COSTS): phi(d) = |d| or d^2, summed over the vocabulary.
+enum CdistCost : int64_t {
+  kCostL1 = 0,
+  kCostSqEuclidean = 1,
+  kNumCdistCosts = 2,
+};
+
+template <int64_t Cost, class Ops, class V>
+PK_HD V cost_value(V d) {
+  if constexpr (Cost == kCostL1) {
+    return Ops::abs(d);
+  } else {
+    return d * d;
+  }
+}
+
+// phi'(d): sign(d) with sign(0) = 0 (as torch's abs backward) and NaN kept, or 2 d. Odd in d,
+// which is what lets the teacher gradient reuse the student kernel with the sides swapped.
+template <int64_t Cost, class Ops, class V>
+PK_HD V cost_slope(V d) {
+  if constexpr (Cost == kCostL1) {
+    const V zero = Ops::splat(0.f);
+    const V sign = Ops::select(Ops::gt(d, zero), Ops::splat(1.f),
+                               Ops::select(Ops::lt(d, zero), Ops::splat(-1.f), zero));
+    return Ops::select(Ops::eq(d, d), sign, d);
+  } else {
+    return Ops::splat(2.f) * d;
+  }
+}
+
 }  // namespace math
 }  // namespace pykernels

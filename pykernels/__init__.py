@@ -1,4 +1,5 @@
-"""pykernels: fused softmax + divergence kernels over huge vocabularies, from raw logits.
+"""pykernels: fused softmax + divergence kernels over huge vocabularies, from raw logits
+(KL / JSD / TVD / Hellinger, RL log-probs / entropy / KL penalties, Sinkhorn).
 
 Set TRITON_INTERPRET=1 before importing pykernels to run the Triton kernels on CPU tensors.
 """
@@ -12,8 +13,10 @@ from .functional import (
     hellinger,
     jsd,
     reverse_kl,
+    sinkhorn_loss,
     skew_forward_kl,
     skew_reverse_kl,
+    softmax_cdist,
     tvd,
 )
 from .rl import entropy, kl_penalty, token_logprobs
@@ -31,8 +34,10 @@ __all__ = [
     "nn",
     "reverse_kl",
     "rl",
+    "sinkhorn_loss",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "softmax_cdist",
     "token_logprobs",
     "tvd",
 ]

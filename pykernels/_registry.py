@@ -1,5 +1,6 @@
 """Op registration in one place: fake tensors and autograd for the C++ ops, the Triton ops
-(torch.library.triton_op), and the per-backend entry `divergence_rows`.
+(torch.library.triton_op), and the per-backend entries (`divergence_rows`,
+`token_logprob_rows`, `softmax_cdist_3d`).
 
 Every kernel backend exposes the same pair of ops (schemas in csrc/ops.cpp):
   *_divergence_forward(student, teacher, row_valid, kind, w, inv_temperature)
@@ -216,9 +217,75 @@ def _register_logprob_pair(forward_name: str, backward_name: str, fake: bool) ->
         f"{_LIB}::{backward_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+
+# ------------------------------------------------------------------------- softmax cdist
+# softmax_cdist_forward(student [Bt, Gs, V], teacher [Bt, Gt, V], row_valid, cost, inv_t)
+#   -> (C [Bt, Gs, Gt], A [Bt, Gs, Gt], lse_s [Bt*Gs], lse_t [Bt*Gt]), all fp32, where with
+#   q_i, p_j the softmaxes and phi the cost per element (|d| or d^2, d = q_iv - p_jv):
+#   C_ij = sum_v phi(d), A_ij = sum_v q_iv phi'(d).
+# softmax_cdist_backward(W [Bt, Gx, Gy], x, y, lse_x, lse_y, dot_x, row_valid, cost, inv_t)
+#   -> dz_x = inv_t q_x (sum_j W_ij phi'(q_x,i - q_y,j) - dot_x,i), in x's dtype.
+# phi' is odd, so the teacher gradient is the same op with the sides swapped and W = dC^T.
+# From dC: dot_s,i = sum_j dC_ij A_ij and, as sum_v d phi'(d) = k phi(d) (k = 1 for l1, 2 for
+# the squared distance), dot_t,j = sum_i dC_ij (k C_ij - A_ij). Saved: the inputs, C, A and the
+# per-row lse: O(G^2 + G), never a G x V tensor.
+def _fake_cdist_forward(student, teacher, row_valid, cost, inv_temperature):
+    bt, gs, gt = student.shape[0], student.shape[1], teacher.shape[1]
+    f32 = dict(dtype=torch.float32)
+    return (student.new_empty((bt, gs, gt), **f32), student.new_empty((bt, gs, gt), **f32),
+            student.new_empty((bt * gs,), **f32), student.new_empty((bt * gt,), **f32))
+
+
+def _fake_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid, cost, inv_temperature):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_cdist_context(ctx, inputs, output):
+    student, teacher, row_valid, cost, inv_temperature = inputs
+    C, A, lse_s, lse_t = output
+    ctx.save_for_backward(student, teacher, row_valid, C, A, lse_s, lse_t)
+    ctx.params = (cost, inv_temperature)
+    ctx.mark_non_differentiable(A, lse_s, lse_t)
+    ctx.set_materialize_grads(False)
+
+
+def _cdist_autograd_backward(backward_op):
+    def backward(ctx, grad_c, *_unused):
+        if grad_c is None:
+            return (None,) * 5
+        student, teacher, row_valid, C, A, lse_s, lse_t = ctx.saved_tensors
+        cost, inv_temperature = ctx.params
+        grad_c = grad_c.to(torch.float32).contiguous()
+        grad_s = grad_t = None
+        if ctx.needs_input_grad[0]:
+            dot_s = (grad_c * A).sum(-1).reshape(-1)
+            grad_s = backward_op(grad_c, student, teacher, lse_s, lse_t, dot_s, row_valid, cost,
+                                 inv_temperature)
+        if ctx.needs_input_grad[1]:
+            k = 1.0 if cost == 0 else 2.0
+            dot_t = (grad_c * (k * C - A)).sum(-2).reshape(-1)
+            grad_t = backward_op(grad_c.transpose(1, 2).contiguous(), teacher, student, lse_t, lse_s,
+                                 dot_t, row_valid, cost, inv_temperature)
+        return grad_s, grad_t, None, None, None
+
+    return backward
+
+
+def _register_cdist_pair(forward_name: str, backward_name: str, fake: bool) -> None:
+    if fake:
+        torch.library.register_fake(f"{_LIB}::{forward_name}")(_fake_cdist_forward)
+        torch.library.register_fake(f"{_LIB}::{backward_name}")(_fake_cdist_backward)
+    torch.library.register_autograd(
+        f"{_LIB}::{forward_name}", _cdist_autograd_backward(getattr(torch.ops.pykernels, backward_name)),
+        setup_context=_setup_cdist_context)
+    torch.library.register_autograd(
+        f"{_LIB}::{backward_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 if _backend.EXTENSION_ERROR is None:
     _register_pair("divergence_forward", "divergence_backward", fake=True)
     _register_logprob_pair("token_logprob_forward", "token_logprob_backward", fake=True)
+    _register_cdist_pair("softmax_cdist_forward", "softmax_cdist_backward", fake=True)
     torch.library.register_fake("pykernels::divergence_forward_with_grad")(_fake_forward_with_grad)
     torch.library.register_autograd("pykernels::divergence_forward_with_grad", _fused_backward,
                                     setup_context=_setup_fused_context)
@@ -317,6 +384,27 @@ if _backend.HAS_TRITON:
     _register_logprob_pair("triton_token_logprob_forward", "triton_token_logprob_backward",
                            fake=False)
 
+    from .triton_kernels import cdist as _triton_cdist
+
+    @triton_op(f"{_LIB}::triton_softmax_cdist_forward", mutates_args=())
+    def triton_softmax_cdist_forward(
+        student: torch.Tensor, teacher: torch.Tensor, row_valid: Optional[torch.Tensor], cost: int,
+        inv_temperature: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_cdist.softmax_cdist_forward(student, teacher, row_valid, cost,
+                                                   inv_temperature, _wrap=_launch_wrapper())
+
+    @triton_op(f"{_LIB}::triton_softmax_cdist_backward", mutates_args=())
+    def triton_softmax_cdist_backward(
+        weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lse_x: torch.Tensor,
+        lse_y: torch.Tensor, dot_x: torch.Tensor, row_valid: Optional[torch.Tensor], cost: int,
+        inv_temperature: float,
+    ) -> torch.Tensor:
+        return _triton_cdist.softmax_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid,
+                                                    cost, inv_temperature, _wrap=_launch_wrapper())
+
+    _register_cdist_pair("triton_softmax_cdist_forward", "triton_softmax_cdist_backward", fake=False)
+
 
 def divergence_rows(backend: str, student, teacher, row_valid, kind: int, w: float,
                     inv_temperature: float, row_weight: float = 1.0) -> torch.Tensor:
@@ -350,3 +438,13 @@ def token_logprob_rows(backend: str, logits, tokens, inv_temperature: float, wit
           else torch.ops.pykernels.token_logprob_forward)
     logp, entropy, _ = op(logits, tokens, inv_temperature, with_entropy)
     return logp, (entropy if with_entropy else None)
+
+
+def softmax_cdist_3d(backend: str, student, teacher, row_valid, cost: int, inv_temperature: float):
+    """C [Bt, Gs, Gt] (fp32) between the softmax rows of [Bt, Gs, V] and [Bt, Gt, V] views with
+    unit vocab stride, on the resolved backend, differentiable."""
+    if backend == "torch":
+        return _torch_backend.softmax_cdist(student, teacher, row_valid, cost, inv_temperature)
+    op = (torch.ops.pykernels.triton_softmax_cdist_forward if backend == "triton"
+          else torch.ops.pykernels.softmax_cdist_forward)
+    return op(student, teacher, row_valid, cost, inv_temperature)[0]

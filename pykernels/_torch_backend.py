@@ -92,3 +92,29 @@ def token_logprob_rows(logits: torch.Tensor, tokens: torch.Tensor, inv_temperatu
     logp = lq.gather(-1, tokens.reshape(-1, 1).long()).squeeze(-1)
     entropy = -_xmul0(lq.exp(), lq).sum(-1) if with_entropy else None
     return logp, entropy
+
+
+def _row_probs(z: torch.Tensor, row_valid: torch.Tensor | None, inv_temperature: float,
+               compute: torch.dtype) -> torch.Tensor:
+    """softmax(z * inv_t) per row of [Bt, G, V]; rows with row_valid False are all zeros (their
+    logits, NaN included, never reach a value or a gradient)."""
+    x = z.to(compute) * inv_temperature
+    if row_valid is None:
+        return torch.softmax(x, dim=-1)
+    keep = row_valid.reshape(x.shape[:-1])[..., None]
+    q = torch.softmax(torch.where(keep, x, torch.zeros_like(x)), dim=-1)
+    return torch.where(keep, q, torch.zeros_like(q))
+
+
+def softmax_cdist(student: torch.Tensor, teacher: torch.Tensor, row_valid: torch.Tensor | None,
+                  cost: int, inv_temperature: float) -> torch.Tensor:
+    """C[b, i, j] = cost(softmax(student[b, i]), softmax(teacher[b, j])) for [Bt, G, V] inputs:
+    the l1 distance (cost 0) or the squared euclidean distance (cost 1), fp32 (fp64 for fp64)."""
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    q = _row_probs(student, row_valid, inv_temperature, compute)
+    p = _row_probs(teacher, row_valid, inv_temperature, compute)
+    if cost == 0:
+        return torch.cdist(q, p, p=1.0)
+    # |q|^2 + |p|^2 - 2 q.p: matmul-shaped, as the kernels compute it on GPU
+    sq = q.square().sum(-1)[..., :, None] + p.square().sum(-1)[..., None, :] - 2.0 * (q @ p.transpose(-1, -2))
+    return sq.clamp_min(0.0)

@@ -1,0 +1,55 @@
+// Softmax-cdist kernels of the CPU backend (cost matrix between softmax rows and its
+// backward); compiled per instruction set like divergence_kernel.cpp (see setup.py).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "divergence_kernel.h"  // RowsView
+
+namespace pykernels {
+namespace cpu {
+
+// Rows of a [Bt, G, V] view: row (b, i) starts at base + b*stride_b + i*stride_t.
+struct CdistForwardArgs {
+  c10::ScalarType dtype;
+  int64_t Bt, Gs, Gt, V;
+  RowsView student, teacher;
+  const bool* row_valid;  // [Bt*G] (Gs == Gt) or nullptr: false rows have zero probabilities
+  int64_t cost;           // math::CdistCost
+  float inv_t;
+  float* C;      // [Bt, Gs, Gt]
+  float* A;      // [Bt, Gs, Gt]
+  float* lse_s;  // [Bt*Gs]
+  float* lse_t;  // [Bt*Gt]
+};
+
+struct CdistBackwardArgs {
+  c10::ScalarType dtype;
+  int64_t Bt, Gx, Gy, V;
+  RowsView x, y;
+  const bool* row_valid;
+  int64_t cost;
+  float inv_t;
+  const float* weight;  // [Bt, Gx, Gy]
+  const float* lse_x;   // [Bt*Gx]
+  const float* lse_y;   // [Bt*Gy]
+  const float* dot_x;   // [Bt*Gx]
+  void* grad_x;         // [Bt, Gx, V] contiguous, x's dtype
+};
+
+#define PK_DECLARE_CDIST_KERNELS(ISA)                          \
+  namespace ISA {                                              \
+  void softmax_cdist_forward_kernel(const CdistForwardArgs&);  \
+  void softmax_cdist_backward_kernel(const CdistBackwardArgs&); \
+  }
+
+PK_DECLARE_CDIST_KERNELS(DEFAULT)
+#if defined(PYKERNELS_HAVE_AVX_KERNELS)
+PK_DECLARE_CDIST_KERNELS(AVX2)
+PK_DECLARE_CDIST_KERNELS(AVX512)
+#endif
+
+}  // namespace cpu
+}  // namespace pykernels

@@ -1,0 +1,152 @@
+"""Softmax cdist and the Sinkhorn distillation loss (SinKD): validation, grouping, and the
+log-domain Sinkhorn iterations on the small G x G cost matrices. The vocabulary-wide work (the
+cost matrix and its backward) is the registered softmax_cdist op; everything here is G x G."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import torch
+
+from . import _backend, _registry, _validate
+from ._divergence import row_valid_mask
+
+COSTS = ("l1", "sqeuclidean")
+_COST_ID = {"l1": 0, "sqeuclidean": 1}
+
+
+def cost_id(cost) -> int:
+    if cost not in _COST_ID:
+        raise ValueError(f"cost={cost!r} is not one of {COSTS}")
+    return _COST_ID[cost]
+
+
+def _cdist_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    _validate.logits("student_logits", student)
+    _validate.logits("teacher_logits", teacher)
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if x.dim() < 2:
+            raise ValueError(f"{name} must have shape [..., G, V], got {tuple(x.shape)}")
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(f"student_logits and teacher_logits differ in vocab sizes: "
+                         f"{tuple(student.shape)} vs {tuple(teacher.shape)}")
+    if student.shape[:-2] != teacher.shape[:-2]:
+        raise ValueError(f"student_logits and teacher_logits differ in batch dims (no "
+                         f"broadcasting): {tuple(student.shape)} vs {tuple(teacher.shape)}")
+    if student.device != teacher.device:
+        raise ValueError(f"student_logits is on {student.device} but teacher_logits is on {teacher.device}")
+    if student.dtype != teacher.dtype:
+        raise TypeError(f"student_logits ({student.dtype}) and teacher_logits ({teacher.dtype}) "
+                        "must have the same dtype")
+
+
+def _as_batches(x: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
+    """x [..., V] as a [groups, rows, V] view (vocab stride 1); a copy, with a warning, only
+    when the leading dims cannot be viewed that way (e.g. one group over a sliced [B, T, V])."""
+    V = x.shape[-1]
+    if V > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        return x.view(groups, rows, V)
+    except RuntimeError:
+        warnings.warn("pykernels: these logits' rows cannot be viewed as groups of equally "
+                      "strided rows; copying them (pick group_size to match a tensor dim, or "
+                      "pass contiguous logits)", stacklevel=4)
+        return x.reshape(groups, rows, V).contiguous()
+
+
+def softmax_cdist(student_logits, teacher_logits, cost="l1", temperature=1.0, backend="auto",
+                  row_valid=None) -> torch.Tensor:
+    _cdist_pair(student_logits, teacher_logits)
+    cost = cost_id(cost)
+    temperature = _validate.temperature(temperature)
+    backend = _backend.resolve_backend(_validate.backend(backend), student_logits)
+    batch = student_logits.shape[:-2]
+    gs, gt, V = student_logits.shape[-2], teacher_logits.shape[-2], student_logits.shape[-1]
+    n = 1
+    for d in batch:
+        n *= d
+    s3 = _as_batches(student_logits, n, gs)
+    t3 = _as_batches(teacher_logits, n, gt)
+    C = _registry.softmax_cdist_3d(backend, s3, t3, row_valid, cost, 1.0 / temperature)
+    return C.reshape(*batch, gs, gt)
+
+
+def _masked_line_lse(log_k: torch.Tensor, line_valid: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp of log_k along `dim` (keepdim) for the valid lines, 0 for lines that are
+    entirely masked (an all -inf logsumexp would put NaN into the gradient)."""
+    keep = line_valid.unsqueeze(dim)
+    return torch.logsumexp(torch.where(keep, log_k, torch.zeros_like(log_k)), dim=dim, keepdim=True)
+
+
+def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    """log of the plan of SinKD's iterations for costs C [ng, g, g] with rows/columns flagged
+    by valid [ng, g]: K = exp(-C / eps), then n_iters times every row divided by its sum and
+    every column by its sum, in the log domain (no underflow for small eps). Masked rows and
+    columns hold -inf (they take no mass)."""
+    pair = valid[:, :, None] & valid[:, None, :]
+    neg_inf = torch.full_like(C, float("-inf"))
+    log_k = torch.where(pair, -C / epsilon, neg_inf)
+    for _ in range(n_iters):
+        log_k = torch.where(pair, log_k - _masked_line_lse(log_k, valid, 2), neg_inf)
+        log_k = torch.where(pair, log_k - _masked_line_lse(log_k, valid, 1), neg_inf)
+    return log_k
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _positive_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters, temperature,
+                  group_size, labels, ignore_index, envelope, backend) -> torch.Tensor:
+    _validate.logit_pair(student_logits, teacher_logits)
+    cost_id(cost)
+    epsilon = _positive_real("epsilon", epsilon)
+    n_iters = _positive_int("n_iters", n_iters)
+    lead = student_logits.shape[:-1]
+    _validate.labels(labels, lead, student_logits.device)
+    ignore_index = _validate.ignore_index(ignore_index)
+    if not isinstance(envelope, bool):
+        raise TypeError(f"envelope must be a bool, got {type(envelope).__name__}")
+    rows = student_logits.numel() // student_logits.shape[-1]
+    if group_size is None:
+        group_size = max(rows, 1)
+    else:
+        group_size = _positive_int("group_size", group_size)
+        if rows % group_size:
+            raise ValueError(f"group_size={group_size} does not divide the {rows} rows of the logits "
+                             f"(leading shape {tuple(lead)})")
+    if rows == 0:  # nothing to transport; keep the graph so backward gives zero gradients
+        return (student_logits.sum() + teacher_logits.sum()).float() * 0.0
+    groups = rows // group_size
+    row_valid = row_valid_mask(labels, ignore_index)
+    s3 = _as_batches(student_logits, groups, group_size)
+    t3 = _as_batches(teacher_logits, groups, group_size)
+    C = softmax_cdist(s3, t3, cost=cost, temperature=temperature, backend=backend, row_valid=row_valid)
+    if row_valid is None:
+        valid = torch.ones((groups, group_size), dtype=torch.bool, device=C.device)
+    else:
+        valid = row_valid.view(groups, group_size)
+    if envelope:  # the plan at convergence is a constant: dLoss/dC = plan
+        with torch.no_grad():
+            log_plan = sinkhorn_plan(C.detach(), valid, epsilon, n_iters)
+    else:
+        log_plan = sinkhorn_plan(C, valid, epsilon, n_iters)
+    pair = valid[:, :, None] & valid[:, None, :]
+    transport = torch.where(pair, log_plan.exp() * C, torch.zeros_like(C)).sum(dim=(1, 2))
+    nonempty = valid.any(dim=1)
+    return transport.sum() / nonempty.sum().clamp_min(1).to(transport.dtype)

@@ -1,0 +1,244 @@
+"""Softmax cdist kernels (Triton): the cost matrix between the softmax rows of two logit
+tensors, and its backward, without a G x V probability tensor.
+
+Inputs are [Bt, G, V] views (vocab stride 1); q_i = softmax(student_i * inv_t), p_j likewise
+for the teacher; a row flagged False in row_valid has all-zero probabilities. With d = q_iv -
+p_jv and phi = |d| (cost 0, l1) or d^2 (cost 1, squared euclidean):
+  forward   C_ij = sum_v phi(d),  A_ij = sum_v q_iv phi'(d)     (A feeds the backward)
+  backward  dz_x,iv = inv_t x_iv (sum_j W_ij phi'(x_iv - y_jv) - dot_x,i)   for one side
+Probabilities are recomputed per tile from the saved per-row lse. The l1 tiles are 3-D
+broadcasts [BI, BJ, BV] reduced over the vocabulary (no matrix-multiply form); the squared
+distance goes through tl.dot: C = |q|^2 + |p|^2 - 2 q.p and g = 2 (x sum_j W_ij - W @ Y), on
+tensor cores with TF32x3 (about fp32 accuracy).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .divergence import _exp, _identity, _launch_config, _launch_guard, _log, _rescale
+
+__all__ = ["softmax_cdist_forward", "softmax_cdist_backward"]
+
+COST_L1 = 0
+COST_SQEUCLIDEAN = 1
+
+
+@triton.jit
+def _lse_kernel(z_ptr, valid_ptr, lse_ptr, G, V, stride_b, stride_g, inv_t,
+                HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program per row (b, i): lse = log sum_v e^{z_v inv_t}; +inf for a masked row."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // G
+    base = z_ptr + b * stride_b + (row - b * G) * stride_g
+    cols0 = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    l = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        s = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        e = tl.where(s == float("-inf"), 0.0, _exp(s - m_new))
+        l = l * _rescale(m, m_new) + tl.sum(e, axis=0)
+        m = m_new
+    lse = m + _log(l)
+    if HAS_VALID:
+        lse = tl.where(tl.load(valid_ptr + row) != 0, lse, float("inf"))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _probs_tile(base, rows, row_ok, cols, col_ok, stride_g, inv_t, lse):
+    # [len(rows), len(cols)] probabilities; 0 outside the tensor and on masked rows (row_ok)
+    ok = row_ok[:, None] & col_ok[None, :]
+    z = tl.load(base + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0)
+    p = _exp(z.to(tl.float32) * inv_t - lse[:, None])
+    return tl.where(ok, p, 0.0)
+
+
+@triton.jit
+def _row_ok(valid_ptr, offset, rows, in_range, HAS_VALID: tl.constexpr):
+    if HAS_VALID:
+        return in_range & (tl.load(valid_ptr + offset + rows, mask=in_range, other=0) != 0)
+    return in_range
+
+
+@triton.jit
+def _sign(d):
+    # sign(d), 0 at 0, NaN kept (pk_math.h cost_slope)
+    s = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+    return tl.where(d == d, s, d)
+
+
+@triton.jit
+def _cdist_fwd_kernel(
+    s_ptr, t_ptr, valid_ptr, lse_s_ptr, lse_t_ptr, c_ptr, a_ptr,
+    Gs, Gt, V, s_sb, s_sg, t_sb, t_sg, inv_t, tiles_i,
+    COST: tl.constexpr, HAS_VALID: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (b * tiles_i + tile i, tile j): C and A for a BI x BJ block of pairs."""
+    pid = tl.program_id(0)
+    b = (pid // tiles_i).to(tl.int64)
+    ri = (pid % tiles_i) * BI + tl.arange(0, BI).to(tl.int64)
+    rj = tl.program_id(1) * BJ + tl.arange(0, BJ).to(tl.int64)
+    in_i, in_j = ri < Gs, rj < Gt
+    lse_i = tl.load(lse_s_ptr + b * Gs + ri, mask=in_i, other=float("inf"))
+    lse_j = tl.load(lse_t_ptr + b * Gt + rj, mask=in_j, other=float("inf"))
+    ok_i = _row_ok(valid_ptr, b * Gs, ri, in_i, HAS_VALID)
+    ok_j = _row_ok(valid_ptr, b * Gt, rj, in_j, HAS_VALID)
+    s_base = s_ptr + b * s_sb
+    t_base = t_ptr + b * t_sb
+    cols0 = tl.arange(0, BV)
+    if COST == 0:
+        acc_c = tl.zeros([BI, BJ], dtype=tl.float32)
+        acc_a = tl.zeros([BI, BJ], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            cols = v0 + cols0
+            q = _probs_tile(s_base, ri, ok_i, cols, cols < V, s_sg, inv_t, lse_i)
+            p = _probs_tile(t_base, rj, ok_j, cols, cols < V, t_sg, inv_t, lse_j)
+            d = q[:, None, :] - p[None, :, :]
+            acc_c += tl.sum(tl.abs(d), axis=2)
+            acc_a += tl.sum(q[:, None, :] * _sign(d), axis=2)
+    else:
+        dots = tl.zeros([BI, BJ], dtype=tl.float32)
+        nq = tl.zeros([BI], dtype=tl.float32)
+        np_ = tl.zeros([BJ], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            cols = v0 + cols0
+            q = _probs_tile(s_base, ri, ok_i, cols, cols < V, s_sg, inv_t, lse_i)
+            p = _probs_tile(t_base, rj, ok_j, cols, cols < V, t_sg, inv_t, lse_j)
+            dots += tl.dot(q, tl.trans(p), input_precision=DOT_PRECISION)
+            nq += tl.sum(q * q, axis=1)
+            np_ += tl.sum(p * p, axis=1)
+        acc_c = nq[:, None] + np_[None, :] - 2.0 * dots
+        acc_c = tl.where(acc_c < 0.0, 0.0, acc_c)  # rounding below 0; NaN kept
+        acc_a = 2.0 * (nq[:, None] - dots)
+    out = (b * Gs + ri)[:, None] * Gt + rj[None, :]
+    ok = in_i[:, None] & in_j[None, :]
+    tl.store(c_ptr + out, acc_c, mask=ok)
+    tl.store(a_ptr + out, acc_a, mask=ok)
+
+
+@triton.jit
+def _cdist_bwd_kernel(
+    w_ptr, x_ptr, y_ptr, lse_x_ptr, lse_y_ptr, dot_ptr, valid_ptr, g_ptr,
+    Gx, Gy, V, x_sb, x_sg, y_sb, y_sg, inv_t, tiles_i,
+    COST: tl.constexpr, HAS_VALID: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (b * tiles_i + tile i, vocab block): dz_x for BI rows x BV columns."""
+    pid = tl.program_id(0)
+    b = (pid // tiles_i).to(tl.int64)
+    ri = (pid % tiles_i) * BI + tl.arange(0, BI).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
+    in_i, in_c = ri < Gx, cols < V
+    lse_i = tl.load(lse_x_ptr + b * Gx + ri, mask=in_i, other=float("inf"))
+    ok_i = _row_ok(valid_ptr, b * Gx, ri, in_i, HAS_VALID)
+    x = _probs_tile(x_ptr + b * x_sb, ri, ok_i, cols, in_c, x_sg, inv_t, lse_i)
+    y_base = y_ptr + b * y_sb
+    g = tl.zeros([BI, BV], dtype=tl.float32)
+    w_total = tl.zeros([BI], dtype=tl.float32)
+    for j0 in range(0, Gy, BJ):
+        rj = j0 + tl.arange(0, BJ).to(tl.int64)
+        in_j = rj < Gy
+        lse_j = tl.load(lse_y_ptr + b * Gy + rj, mask=in_j, other=float("inf"))
+        ok_j = _row_ok(valid_ptr, b * Gy, rj, in_j, HAS_VALID)
+        y = _probs_tile(y_base, rj, ok_j, cols, in_c, y_sg, inv_t, lse_j)
+        w = tl.load(w_ptr + (b * Gx + ri)[:, None] * Gy + rj[None, :],
+                    mask=in_i[:, None] & in_j[None, :], other=0.0)
+        if COST == 0:
+            g += tl.sum(w[:, :, None] * _sign(x[:, None, :] - y[None, :, :]), axis=1)
+        else:
+            g += tl.dot(w, y, input_precision=DOT_PRECISION)
+            w_total += tl.sum(w, axis=1)
+    if COST != 0:
+        g = 2.0 * (x * w_total[:, None] - g)
+    dot = tl.load(dot_ptr + b * Gx + ri, mask=in_i, other=0.0)
+    dz = tl.where(ok_i[:, None], inv_t * x * (g - dot[:, None]), 0.0)
+    out = (b * Gx + ri)[:, None] * V + cols[None, :]
+    tl.store(g_ptr + out, dz.to(g_ptr.dtype.element_ty), mask=in_i[:, None] & in_c[None, :])
+
+
+def _check_rows(name, x):
+    if x.dim() != 3 or (x.shape[2] > 1 and x.stride(2) != 1):
+        raise ValueError(f"{name} must be a [Bt, G, V] view with unit vocab stride, got "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be fp32/fp16/bf16, got {x.dtype}")
+
+
+def _tiles(cost: int, device):
+    """(BI, BJ, BV, num_warps, dot precision) per cost; tl.dot needs every dim >= 16. Under
+    the interpreter (CPU tensors) each block op costs far more than its elements, so the
+    tiles there are long in V and narrow in rows."""
+    if torch.device(device).type == "cpu":
+        return (8, 8, 128, 1, "ieee") if cost == COST_L1 else (16, 16, 128, 1, "ieee")
+    if cost == COST_L1:
+        return 32, 32, 16, 8, "ieee"
+    return 32, 32, 64, 4, "tf32x3"
+
+
+def _row_lse(x, row_valid, inv_t, wrap):
+    Bt, G, V = x.shape
+    lse = torch.empty(Bt * G, dtype=torch.float32, device=x.device)
+    if lse.numel() == 0:
+        return lse
+    block_v, num_warps = _launch_config(V, x.device)
+    wrap(_lse_kernel)[(Bt * G,)](
+        x, row_valid if row_valid is not None else lse, lse, G, V, x.stride(0), x.stride(1),
+        float(inv_t), HAS_VALID=row_valid is not None, BLOCK_V=block_v, num_warps=num_warps)
+    return lse
+
+
+def softmax_cdist_forward(student, teacher, row_valid, cost: int, inv_t: float, *, _wrap=None):
+    """(C [Bt, Gs, Gt], A [Bt, Gs, Gt], lse_s [Bt*Gs], lse_t [Bt*Gt]), fp32, for student
+    [Bt, Gs, V] and teacher [Bt, Gt, V] (see the module docstring)."""
+    _check_rows("student", student)
+    _check_rows("teacher", teacher)
+    if cost not in (COST_L1, COST_SQEUCLIDEAN):
+        raise ValueError(f"unknown cdist cost {cost}")
+    Bt, Gs, V = student.shape
+    Gt = teacher.shape[1]
+    dev = student.device
+    C = torch.empty((Bt, Gs, Gt), dtype=torch.float32, device=dev)
+    A = torch.empty_like(C)
+    wrap = _wrap or _identity
+    with _launch_guard(dev):
+        lse_s = _row_lse(student, row_valid, inv_t, wrap)
+        lse_t = _row_lse(teacher, row_valid, inv_t, wrap)
+        if C.numel() == 0:
+            return C, A, lse_s, lse_t
+        BI, BJ, BV, num_warps, precision = _tiles(cost, dev)
+        tiles_i = triton.cdiv(Gs, BI)
+        wrap(_cdist_fwd_kernel)[(Bt * tiles_i, triton.cdiv(Gt, BJ))](
+            student, teacher, row_valid if row_valid is not None else lse_s, lse_s, lse_t, C, A,
+            Gs, Gt, V, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+            float(inv_t), tiles_i, COST=int(cost), HAS_VALID=row_valid is not None,
+            BI=BI, BJ=BJ, BV=BV, DOT_PRECISION=precision, num_warps=num_warps)
+    return C, A, lse_s, lse_t
+
+
+def softmax_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid, cost: int, inv_t: float,
+                           *, _wrap=None):
+    """dz_x [Bt, Gx, V] (contiguous, x's dtype) for weight [Bt, Gx, Gy] (fp32 contiguous), the
+    saved lse of both sides and dot_x [Bt*Gx] (see the module docstring)."""
+    _check_rows("x", x)
+    _check_rows("y", y)
+    Bt, Gx, V = x.shape
+    Gy = y.shape[1]
+    grad = torch.empty((Bt, Gx, V), dtype=x.dtype, device=x.device)
+    if grad.numel() == 0:
+        return grad
+    if Gy == 0:
+        return grad.zero_()
+    BI, BJ, BV, num_warps, precision = _tiles(cost, x.device)
+    tiles_i = triton.cdiv(Gx, BI)
+    wrap = _wrap or _identity
+    with _launch_guard(x.device):
+        wrap(_cdist_bwd_kernel)[(Bt * tiles_i, triton.cdiv(V, BV))](
+            weight, x, y, lse_x, lse_y, dot_x, row_valid if row_valid is not None else lse_x, grad,
+            Gx, Gy, V, x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(inv_t), tiles_i,
+            COST=int(cost), HAS_VALID=row_valid is not None, BI=BI, BJ=BJ, BV=BV,
+            DOT_PRECISION=precision, num_warps=num_warps)
+    return grad
