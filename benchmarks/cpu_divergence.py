@@ -2,6 +2,9 @@
 eager PyTorch written the way users write it, and torch.compile of that eager code, in one run.
 
     python -m benchmarks.cpu_divergence [--rows 2048] [--vocab 32000] [--dtypes float32 bfloat16]
+                                        [--ops forward_kl jsd logprobs_entropy sinkhorn_l1 ...]
+
+The Sinkhorn ops run on --sinkhorn-rows rows (one group, default 256) instead of --rows.
 
 Time: median (and 20/80 % quantiles) of wall time over repeated calls after warm-up.
 Memory: peak resident memory of the process during one call beyond what was resident before it
@@ -60,6 +63,19 @@ def eager_logprobs_entropy(logits, tokens):
     return logp, ent
 
 
+def eager_sinkhorn(student, teacher, cost="l1", epsilon=0.1, n_iters=20, temperature=2.0):
+    """SinKD as its authors write it: softmaxes, torch.cdist between the rows, then the plain
+    row / column normalisation loop on K = exp(-C / eps), loss = sum K * C."""
+    q = F.softmax(student / temperature, dim=-1)
+    p = F.softmax(teacher / temperature, dim=-1)
+    C = torch.cdist(q, p, p=1) if cost == "l1" else torch.cdist(q, p, p=2) ** 2
+    K = torch.exp(-C / epsilon)
+    for _ in range(n_iters):
+        K = K / K.sum(dim=1, keepdim=True)
+        K = K / K.sum(dim=0, keepdim=True)
+    return (K * C).sum()
+
+
 def _logprob_loss(logp, ent):
     # A scalar that sends gradients through both outputs, as a PPO/GRPO loss with an entropy
     # bonus does.
@@ -76,7 +92,25 @@ OPS = {
         lambda s, t, y: _logprob_loss(*eager_logprobs_entropy(s, y)),
         lambda s, t, y, backend: _logprob_loss(
             *pk.token_logprobs(s, y, return_entropy=True, backend=backend))),
+    "sinkhorn_l1": (lambda s, t, y: eager_sinkhorn(s, t, "l1"),
+                    lambda s, t, y, backend: pk.sinkhorn_loss(s, t, cost="l1", backend=backend)),
+    "sinkhorn_sqeuclidean": (
+        lambda s, t, y: eager_sinkhorn(s, t, "sqeuclidean"),
+        lambda s, t, y, backend: pk.sinkhorn_loss(s, t, cost="sqeuclidean", backend=backend)),
 }
+
+
+def eager_softmax_cdist(student, teacher, cost="l1"):
+    q, p = F.softmax(student, dim=-1), F.softmax(teacher, dim=-1)
+    return torch.cdist(q, p, p=1) if cost == "l1" else torch.cdist(q, p, p=2) ** 2
+
+
+for _cost in ("l1", "sqeuclidean"):  # the cost matrix alone, forward + backward of C.sum()
+    OPS[f"cdist_{_cost}"] = (
+        lambda s, t, y, c=_cost: eager_softmax_cdist(s, t, c).sum(),
+        lambda s, t, y, backend, c=_cost: pk.softmax_cdist(s, t, cost=c, backend=backend).sum())
+DEFAULT_OPS = ["forward_kl", "jsd", "logprobs_entropy"]
+SINKHORN_OPS = ("sinkhorn_l1", "sinkhorn_sqeuclidean", "cdist_l1", "cdist_sqeuclidean")
 
 
 # ------------------------------------------------------------------------------- measurement
@@ -125,7 +159,7 @@ def agreement(op: str, eager, ours, student, teacher) -> str:  # fns of (student
     s = student.detach().clone().requires_grad_()
     loss = ours(s, teacher)
     (grad,) = torch.autograd.grad(loss, s)
-    return (f"{op:11s} {str(student.dtype)[6:]:9s} agreement with eager float64: loss {loss.item():.6f} vs "
+    return (f"{op:20s} {str(student.dtype)[6:]:9s} agreement with eager float64: loss {loss.item():.6f} vs "
             f"{ref.item():.6f}, max |grad diff| {(grad.double() - ref_grad).abs().max().item():.2e} "
             f"(max |grad| {ref_grad.abs().max().item():.2e})")
 
@@ -153,7 +187,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--ops", nargs="+", default=DEFAULT_OPS, choices=list(OPS))
+    parser.add_argument("--sinkhorn-rows", type=int, default=256, help="rows (one group) of the Sinkhorn ops")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/cpu/...)")
     args = parser.parse_args(argv)
@@ -161,11 +196,12 @@ def main(argv=None) -> list[dict]:
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        gen = torch.Generator().manual_seed(0)
-        student = (2 * torch.randn(args.rows, args.vocab, generator=gen)).to(dtype).requires_grad_()
-        teacher = (2 * torch.randn(args.rows, args.vocab, generator=gen)).to(dtype)
-        tokens = torch.randint(0, args.vocab, (args.rows,), generator=gen)
         for op in args.ops:
+            n_rows = args.sinkhorn_rows if op in SINKHORN_OPS else args.rows
+            gen = torch.Generator().manual_seed(0)
+            student = (2 * torch.randn(n_rows, args.vocab, generator=gen)).to(dtype).requires_grad_()
+            teacher = (2 * torch.randn(n_rows, args.vocab, generator=gen)).to(dtype)
+            tokens = torch.randint(0, args.vocab, (n_rows,), generator=gen)
             eager_op, ours_op = OPS[op]
             eager = lambda s, t, f=eager_op: f(s, t, tokens)  # noqa: E731
             ours = lambda s, t, f=ours_op: f(s, t, tokens, "cpu")  # noqa: E731
@@ -175,9 +211,9 @@ def main(argv=None) -> list[dict]:
                 providers["torch.compile"] = torch.compile(eager, dynamic=False)
             for name, fn in providers.items():
                 result = measure(fn, student, teacher)
-                result.update(op=op, dtype=dtype_name, provider=name, rows=args.rows, vocab=args.vocab)
+                result.update(op=op, dtype=dtype_name, provider=name, rows=n_rows, vocab=args.vocab)
                 rows.append(result)
-                print(f"{op:11s} {dtype_name:9s} {name:14s} {result['median_ms']:9.1f} ms "
+                print(f"{op:20s} {dtype_name:9s} {name:14s} {result['median_ms']:9.1f} ms "
                       f"(q20 {result['q20_ms']:.1f}, q80 {result['q80_ms']:.1f})  "
                       f"extra peak {result['extra_peak_mb']:8.1f} MB", flush=True)
             torch._dynamo.reset()
@@ -187,7 +223,7 @@ def main(argv=None) -> list[dict]:
         for op in args.ops:
             sel = {r["provider"]: r for r in rows if r["op"] == op and r["dtype"] == dtype_name}
             ours = sel["pykernels-cpu"]
-            line = f"{op:11s} {dtype_name:9s} vs eager {sel['eager']['median_ms'] / ours['median_ms']:5.2f}x"
+            line = f"{op:20s} {dtype_name:9s} vs eager {sel['eager']['median_ms'] / ours['median_ms']:5.2f}x"
             if "torch.compile" in sel:
                 line += f"  vs compile {sel['torch.compile']['median_ms'] / ours['median_ms']:5.2f}x"
             eager_mb = sel["eager"]["extra_peak_mb"]
@@ -198,7 +234,8 @@ def main(argv=None) -> list[dict]:
     meta = {"machine": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "commit": _git_commit()}
-    out = args.out or RESULTS / f"divergence_{meta['date']}.json"
+    stem = "sinkhorn" if set(args.ops) <= set(SINKHORN_OPS) else "divergence"
+    out = args.out or RESULTS / f"{stem}_{meta['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     print(f"\nwrote {out}")

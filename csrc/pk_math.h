@@ -65,6 +65,7 @@ struct ScalarOps {
   static PK_HD bool lt(float a, float b) { return a < b; }
   static PK_HD bool eq(float a, float b) { return a == b; }
   static PK_HD float select(bool c, float a, float b) { return c ? a : b; }
+  static PK_HD float keep(bool c, float x) { return c ? x : 0.f; }  // x where c, else 0
   static PK_HD float splat(float x) { return x; }
 };
 
@@ -307,17 +308,17 @@ PK_HD V cost_value(V d) {
   }
 }
 
-// phi'(d): sign(d) with sign(0) = 0 (as torch's abs backward) and NaN kept, or 2 d. Odd in d,
-// which is what lets the teacher gradient reuse the student kernel with the sides swapped.
+// w * phi'(d), with phi'(d) = sign(d) (sign(0) = 0, as torch's abs backward) or 2 d. phi' is
+// odd in d, which is what lets the teacher gradient reuse the student kernel with the sides
+// swapped. The l1 form is two masked copies of w (Ops::keep), no multiply; a NaN d selects
+// neither (its row's C is NaN already, and its own gradient is NaN through q).
 template <int64_t Cost, class Ops, class V>
-PK_HD V cost_slope(V d) {
+PK_HD V cost_slope_times(V d, V w) {
   if constexpr (Cost == kCostL1) {
     const V zero = Ops::splat(0.f);
-    const V sign = Ops::select(Ops::gt(d, zero), Ops::splat(1.f),
-                               Ops::select(Ops::lt(d, zero), Ops::splat(-1.f), zero));
-    return Ops::select(Ops::eq(d, d), sign, d);
+    return Ops::keep(Ops::gt(d, zero), w) - Ops::keep(Ops::lt(d, zero), w);
   } else {
-    return Ops::splat(2.f) * d;
+    return Ops::splat(2.f) * d * w;
   }
 }
 

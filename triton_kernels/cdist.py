@@ -65,9 +65,8 @@ def _row_ok(valid_ptr, offset, rows, in_range, HAS_VALID: tl.constexpr):
 
 @triton.jit
 def _sign(d):
-    # sign(d), 0 at 0, NaN kept (pk_math.h cost_slope)
-    s = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
-    return tl.where(d == d, s, d)
+    # sign(d), 0 at 0 and at NaN (pk_math.h cost_slope_times)
+    return tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
 
 
 @triton.jit

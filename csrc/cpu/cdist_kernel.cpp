@@ -24,7 +24,11 @@ namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kTile = 16;     // rows of one side per task
-constexpr int64_t kVBlock = 256;  // vocabulary elements per block (kTile blocks: 16 KB fp32)
+// Vocabulary elements per block: the forward's kTile rows of probabilities (64 KB fp32) stay
+// in L2 and are read once per row of the other side; the backward also keeps kTile rows of
+// gradient accumulators it reads and writes for every such row, so its blocks fit L1.
+constexpr int64_t kVBlock = 1024;
+constexpr int64_t kVBlockBwd = 256;
 
 template <typename scalar_t>
 const scalar_t* cdist_row(const RowsView& view, int64_t G, int64_t r) {
@@ -85,37 +89,70 @@ void lse_rows(const RowsView& view, int64_t rows, int64_t G, int64_t V, float in
   });
 }
 
-// sum over a block of phi(q - p) and of q phi'(q - p).
+// Pairs are done kRowBlock tile rows at a time against one row of the other side: each vector
+// of that row is loaded once for kRowBlock pairs, and the pairs' accumulators are independent
+// dependency chains.
+constexpr int64_t kRowBlock = 4;
+
+// For rows q[r] (r < nr <= kRowBlock, stride kVBlock) against p over n elements:
+// c[r] += sum phi(q_r - p), a[r] += sum q_r phi'(q_r - p).
 template <int64_t Cost>
-PK_FLATTEN void pair_block(const float* q, const float* p, int64_t n, float& c, float& a) {
-  Vec vc(0.f), va(0.f);
+PK_FLATTEN void pair_rows(const float* q, int64_t nr, const float* p, int64_t n, float* c, float* a) {
   int64_t v = 0;
-  for (; v + kLanes <= n; v += kLanes) {
-    const Vec qv = Vec::loadu(q + v);
-    const Vec d = qv - Vec::loadu(p + v);
-    vc = vc + math::cost_value<Cost, VecOps, Vec>(d);
-    va = va + qv * math::cost_slope<Cost, VecOps, Vec>(d);
+  if (nr == kRowBlock) {
+    // Constant trip counts throughout, so the accumulators live in registers.
+    Vec vc[kRowBlock], va[kRowBlock];
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < kRowBlock; ++r) vc[r] = Vec(0.f), va[r] = Vec(0.f);
+    for (; v + kLanes <= n; v += kLanes) {
+      const Vec pv = Vec::loadu(p + v);
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        const Vec qv = Vec::loadu(q + r * kVBlock + v);
+        const Vec d = qv - pv;
+        vc[r] = vc[r] + math::cost_value<Cost, VecOps, Vec>(d);
+        va[r] = va[r] + math::cost_slope_times<Cost, VecOps, Vec>(d, qv);
+      }
+    }
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < kRowBlock; ++r) c[r] += hsum(vc[r]), a[r] += hsum(va[r]);
   }
-  float tc = 0.f, ta = 0.f;
-  for (; v < n; ++v) {
-    const float d = q[v] - p[v];
-    tc += math::cost_value<Cost, ScalarOps, float>(d);
-    ta += q[v] * math::cost_slope<Cost, ScalarOps, float>(d);
+  for (int64_t r = 0; r < nr; ++r) {
+    float tc = 0.f, ta = 0.f;
+    for (int64_t k = v; k < n; ++k) {  // the block's tail, or every element of a short group
+      const float qk = q[r * kVBlock + k], d = qk - p[k];
+      tc += math::cost_value<Cost, ScalarOps, float>(d);
+      ta += math::cost_slope_times<Cost, ScalarOps, float>(d, qk);
+    }
+    c[r] += tc;
+    a[r] += ta;
   }
-  c += hsum(vc) + tc;
-  a += hsum(va) + ta;
 }
 
-// g[0:n] += w * phi'(x - y).
+// For rows x[r] (stride kVBlockBwd) and weights w[r]: g[r] += w_r phi'(x_r - y) over n elements.
 template <int64_t Cost>
-PK_FLATTEN void slope_block(const float* x, const float* y, float w, int64_t n, float* g) {
-  const Vec vw(w);
+PK_FLATTEN void slope_rows(const float* x, int64_t nr, const float* y, const float* w, int64_t n,
+                           float* g) {
   int64_t v = 0;
-  for (; v + kLanes <= n; v += kLanes) {
-    const Vec d = Vec::loadu(x + v) - Vec::loadu(y + v);
-    (Vec::loadu(g + v) + vw * math::cost_slope<Cost, VecOps, Vec>(d)).store(g + v);
+  if (nr == kRowBlock) {
+    Vec vw[kRowBlock];
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < kRowBlock; ++r) vw[r] = Vec(w[r]);
+    for (; v + kLanes <= n; v += kLanes) {
+      const Vec yv = Vec::loadu(y + v);
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        float* gr = g + r * kVBlockBwd + v;
+        const Vec d = Vec::loadu(x + r * kVBlockBwd + v) - yv;
+        (Vec::loadu(gr) + math::cost_slope_times<Cost, VecOps, Vec>(d, vw[r])).store(gr);
+      }
+    }
   }
-  for (; v < n; ++v) g[v] += w * math::cost_slope<Cost, ScalarOps, float>(x[v] - y[v]);
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t k = v; k < n; ++k) {
+      g[r * kVBlockBwd + k] += math::cost_slope_times<Cost, ScalarOps, float>(x[r * kVBlockBwd + k] - y[k], w[r]);
+    }
+  }
 }
 
 template <typename scalar_t, int64_t Cost>
@@ -142,8 +179,11 @@ void cdist_forward(const CdistForwardArgs& a) {
           const int64_t r = b * Gt + j;
           block_probs(cdist_row<scalar_t>(a.teacher, Gt, r) + v0, n, a.inv_t, a.lse_t[r],
                       row_is_valid(a.row_valid, r), p.data());
-          for (int64_t ii = 0; ii < ni; ++ii) {
-            pair_block<Cost>(q.data() + ii * kVBlock, p.data(), n, accC[ii * Gt + j], accA[ii * Gt + j]);
+          for (int64_t ii = 0; ii < ni; ii += kRowBlock) {
+            const int64_t nr = std::min(kRowBlock, ni - ii);
+            float c[kRowBlock] = {}, am[kRowBlock] = {};
+            pair_rows<Cost>(q.data() + ii * kVBlock, nr, p.data(), n, c, am);
+            for (int64_t r = 0; r < nr; ++r) accC[(ii + r) * Gt + j] += c[r], accA[(ii + r) * Gt + j] += am[r];
           }
         }
       }
@@ -162,31 +202,33 @@ void cdist_backward(const CdistBackwardArgs& a) {
   const int64_t tiles = (Gx + kTile - 1) / kTile;
   scalar_t* grad = static_cast<scalar_t*>(a.grad_x);
   at::parallel_for(0, a.Bt * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(kTile * kVBlock), y(kVBlock), g(kTile * kVBlock);
+    std::vector<float> x(kTile * kVBlockBwd), y(kVBlockBwd), g(kTile * kVBlockBwd);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, i0 = (task % tiles) * kTile;
       const int64_t ni = std::min(kTile, Gx - i0);
-      for (int64_t v0 = 0; v0 < V; v0 += kVBlock) {
-        const int64_t n = std::min(kVBlock, V - v0);
+      for (int64_t v0 = 0; v0 < V; v0 += kVBlockBwd) {
+        const int64_t n = std::min(kVBlockBwd, V - v0);
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t r = b * Gx + i0 + ii;
           block_probs(cdist_row<scalar_t>(a.x, Gx, r) + v0, n, a.inv_t, a.lse_x[r],
-                      row_is_valid(a.row_valid, r), x.data() + ii * kVBlock);
+                      row_is_valid(a.row_valid, r), x.data() + ii * kVBlockBwd);
         }
         std::fill(g.begin(), g.end(), 0.f);
         for (int64_t j = 0; j < Gy; ++j) {
           const int64_t r = b * Gy + j;
           block_probs(cdist_row<scalar_t>(a.y, Gy, r) + v0, n, a.inv_t, a.lse_y[r],
                       row_is_valid(a.row_valid, r), y.data());
-          for (int64_t ii = 0; ii < ni; ++ii) {
-            const float w = a.weight[(b * Gx + i0 + ii) * Gy + j];
-            slope_block<Cost>(x.data() + ii * kVBlock, y.data(), w, n, g.data() + ii * kVBlock);
+          for (int64_t ii = 0; ii < ni; ii += kRowBlock) {
+            const int64_t nr = std::min(kRowBlock, ni - ii);
+            float w[kRowBlock];
+            for (int64_t r = 0; r < nr; ++r) w[r] = a.weight[(b * Gx + i0 + ii + r) * Gy + j];
+            slope_rows<Cost>(x.data() + ii * kVBlockBwd, nr, y.data(), w, n, g.data() + ii * kVBlockBwd);
           }
         }
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t r = b * Gx + i0 + ii;
-          float* gi = g.data() + ii * kVBlock;
-          const float* xi = x.data() + ii * kVBlock;
+          float* gi = g.data() + ii * kVBlockBwd;
+          const float* xi = x.data() + ii * kVBlockBwd;
           if (!row_is_valid(a.row_valid, r)) {
             std::fill(gi, gi + n, 0.f);  // a masked row takes no gradient, whatever W holds
           } else {

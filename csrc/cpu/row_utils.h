@@ -40,6 +40,7 @@ struct VecOps {
   static Vec lt(Vec a, Vec b) { return a < b; }
   static Vec eq(Vec a, Vec b) { return a == b; }
   static Vec select(Vec m, Vec a, Vec b) { return Vec::blendv(b, a, m); }
+  static Vec keep(Vec m, Vec x) { return x & m; }  // m is an all-ones / all-zeros lane mask
   static Vec splat(float x) { return Vec(x); }
 };
 
@@ -53,13 +54,7 @@ constexpr int64_t kLanes = Vec::size();
 #define PK_FLATTEN
 #endif
 
-inline float hsum(Vec v) {
-  float lanes[kLanes];
-  v.store(lanes);
-  float acc = 0.f;
-  for (int64_t i = 0; i < kLanes; ++i) acc += lanes[i];
-  return acc;
-}
+inline float hsum(Vec v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v); }
 
 // Max that propagates NaN (a NaN logit must make the row NaN, as in eager).
 inline float nan_max(float a, float b) { return (a != a || b != b) ? NAN : (a > b ? a : b); }
