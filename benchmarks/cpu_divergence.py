@@ -65,9 +65,10 @@ def eager_logprobs_entropy(logits, tokens):
 
 def eager_sinkhorn(student, teacher, cost="l1", epsilon=0.1, n_iters=20, temperature=2.0):
     """SinKD as its authors write it: softmaxes, torch.cdist between the rows, then the plain
-    row / column normalisation loop on K = exp(-C / eps), loss = sum K * C."""
-    q = F.softmax(student / temperature, dim=-1)
-    p = F.softmax(teacher / temperature, dim=-1)
+    row / column normalisation loop on K = exp(-C / eps), loss = sum K * C. In fp32 (torch.cdist
+    has no bf16 CPU kernel, and SinKD runs its loss in fp32)."""
+    q = F.softmax(student.float() / temperature, dim=-1)
+    p = F.softmax(teacher.float() / temperature, dim=-1)
     C = torch.cdist(q, p, p=1) if cost == "l1" else torch.cdist(q, p, p=2) ** 2
     K = torch.exp(-C / epsilon)
     for _ in range(n_iters):
@@ -101,7 +102,7 @@ OPS = {
 
 
 def eager_softmax_cdist(student, teacher, cost="l1"):
-    q, p = F.softmax(student, dim=-1), F.softmax(teacher, dim=-1)
+    q, p = F.softmax(student.float(), dim=-1), F.softmax(teacher.float(), dim=-1)
     return torch.cdist(q, p, p=1) if cost == "l1" else torch.cdist(q, p, p=2) ** 2
 
 

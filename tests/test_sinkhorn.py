@@ -393,11 +393,12 @@ def test_sinkhorn_all_rows_ignored_and_empty(cpu_backend):
     assert e_s.grad.shape == (0, 11)
 
 
-def test_sinkhorn_ignored_rows_do_not_leak(cpu_backend):
+@pytest.mark.parametrize("cost", COSTS)
+def test_sinkhorn_ignored_rows_do_not_leak(cpu_backend, cost):
     """NaN / inf logits in ignored rows change neither the loss nor the other gradients."""
     pk = H.pk()
     s, t, group_size, labels = _layout_inputs(((2, 5, 23), 5, 0.3), seed=80)
-    kw = dict(group_size=group_size, labels=labels, backend=cpu_backend)
+    kw = dict(group_size=group_size, labels=labels, backend=cpu_backend, cost=cost)
     loss, gs, gt = _loss_and_grads(lambda a, b: pk.sinkhorn_loss(a, b, **kw), s, t)
     ignored = labels == -100
     assert ignored.any()

@@ -1,7 +1,8 @@
 // CPU implementations of the softmax_cdist ops (contract in ../ops.cpp).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include <optional>
 #include <tuple>
@@ -17,6 +18,71 @@ namespace {
 
 const bool* valid_ptr(const std::optional<at::Tensor>& row_valid) {
   return row_valid ? row_valid->const_data_ptr<bool>() : nullptr;
+}
+
+// Columns per probability slab of the squared distance: both sides' slabs together about 8 MB.
+int64_t slab_columns(int64_t rows, int64_t V) {
+  const int64_t n = (int64_t{2} << 20) / std::max<int64_t>(rows, 1);
+  return std::min(V, std::max<int64_t>(64, n / 64 * 64));
+}
+
+// [rows, n] fp32 probabilities of x's rows over the columns [v0, v0 + n).
+at::Tensor prob_slab(const at::Tensor& x, const bool* valid, const at::Tensor& lse, float inv_t,
+                     int64_t v0, int64_t n) {
+  at::Tensor out = at::empty({x.size(0), x.size(1), n}, x.options().dtype(at::kFloat));
+  ProbSlabArgs args{};
+  args.dtype = x.scalar_type();
+  args.rows = x.size(0) * x.size(1), args.G = x.size(1), args.V = x.size(2);
+  args.x = rows_view(x);
+  args.row_valid = valid;
+  args.lse = lse.const_data_ptr<float>();
+  args.inv_t = inv_t;
+  args.v0 = v0, args.n = n;
+  args.out = out.mutable_data_ptr<float>();
+  PK_ISA_PICK(prob_slab_kernel)(args);
+  return out;
+}
+
+// Squared distance as |q|^2 + |p|^2 - 2 q.p, with the products accumulated by batched matrix
+// multiplies over column slabs of on-the-fly probabilities (BLAS instead of G^2 V elementwise
+// terms; never more than a slab of probabilities at a time).
+void sqeuclidean_forward(const at::Tensor& student, const at::Tensor& teacher, const bool* valid,
+                         const at::Tensor& lse_s, const at::Tensor& lse_t, float inv_t,
+                         at::Tensor& C, at::Tensor& A) {
+  const int64_t V = student.size(2);
+  const int64_t step = slab_columns(student.size(0) * (student.size(1) + teacher.size(1)), V);
+  at::Tensor dots = at::zeros_like(C);
+  at::Tensor nq = at::zeros({student.size(0), student.size(1)}, C.options());
+  at::Tensor np = at::zeros({teacher.size(0), teacher.size(1)}, C.options());
+  for (int64_t v0 = 0; v0 < V; v0 += step) {
+    const int64_t n = std::min(step, V - v0);
+    const at::Tensor q = prob_slab(student, valid, lse_s, inv_t, v0, n);
+    const at::Tensor p = prob_slab(teacher, valid, lse_t, inv_t, v0, n);
+    dots.baddbmm_(q, p.transpose(1, 2));
+    nq.add_(q.square().sum(-1));
+    np.add_(p.square().sum(-1));
+  }
+  // rounding can take the difference below 0; clamp_min keeps NaN
+  at::clamp_min_out(C, nq.unsqueeze(2) + np.unsqueeze(1) - 2 * dots, 0);
+  at::mul_out(A, nq.unsqueeze(2) - dots, 2);
+}
+
+// dz_x = inv_t x (2 (x sum_j W_ij - W @ Y) - dot_x), slab by slab.
+void sqeuclidean_backward(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& y,
+                          const bool* valid, const at::Tensor& lse_x, const at::Tensor& lse_y,
+                          const at::Tensor& dot_x, float inv_t, at::Tensor& grad) {
+  const int64_t V = x.size(2);
+  const int64_t step = slab_columns(x.size(0) * (2 * x.size(1) + y.size(1)), V);
+  const at::Tensor w_total = weight.sum(-1, /*keepdim=*/true);
+  const at::Tensor dot = dot_x.view({x.size(0), x.size(1), 1});
+  for (int64_t v0 = 0; v0 < V; v0 += step) {
+    const int64_t n = std::min(step, V - v0);
+    const at::Tensor xs = prob_slab(x, valid, lse_x, inv_t, v0, n);
+    const at::Tensor ys = prob_slab(y, valid, lse_y, inv_t, v0, n);
+    at::Tensor g = at::bmm(weight, ys);  // sum_j W_ij y_j
+    g.mul_(-2).add_(xs * w_total, 2).sub_(dot).mul_(xs).mul_(inv_t);
+    grad.narrow(2, v0, n).copy_(g);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cdist_forward_cpu(
@@ -36,7 +102,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cdist_forward
   args.inv_t = static_cast<float>(inv_temperature);
   args.C = C.mutable_data_ptr<float>(), args.A = A.mutable_data_ptr<float>();
   args.lse_s = lse_s.mutable_data_ptr<float>(), args.lse_t = lse_t.mutable_data_ptr<float>();
-  PK_ISA_PICK(softmax_cdist_forward_kernel)(args);
+  if (cost == math::kCostSqEuclidean) {
+    PK_ISA_PICK(softmax_cdist_lse_kernel)(args);
+    if (C.numel() > 0) {
+      sqeuclidean_forward(student, teacher, args.row_valid, lse_s, lse_t, args.inv_t, C, A);
+    }
+  } else {
+    PK_ISA_PICK(softmax_cdist_forward_kernel)(args);
+  }
   return {C, A, lse_s, lse_t};
 }
 
@@ -48,6 +121,13 @@ at::Tensor softmax_cdist_backward_cpu(const at::Tensor& weight, const at::Tensor
   check_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid, cost, c10::DeviceType::CPU);
   at::Tensor grad = empty_grad(x, true);
   if (x.numel() == 0) return grad;
+  if (cost == math::kCostSqEuclidean) {
+    // a masked row of x has x = 0, so its gradient is 0 unless the weights hold NaN / inf
+    sqeuclidean_backward(weight, x, y, valid_ptr(row_valid), lse_x, lse_y, dot_x,
+                         static_cast<float>(inv_temperature), grad);
+    if (row_valid) grad.masked_fill_(row_valid->logical_not().view({x.size(0), x.size(1), 1}), 0);
+    return grad;
+  }
   CdistBackwardArgs args{};
   args.dtype = x.scalar_type();
   args.Bt = x.size(0), args.Gx = x.size(1), args.Gy = y.size(1), args.V = x.size(2);

@@ -1,4 +1,6 @@
-// CPU kernels of softmax_cdist, compiled per instruction set like divergence_kernel.cpp.
+// CPU kernels of softmax_cdist, compiled per instruction set like divergence_kernel.cpp: the
+// elementwise l1 kernels below, and the probability slabs from which cdist_cpu.cpp computes the
+// squared distance with matrix multiplies.
 //
 // Forward: one pass per row for its log-sum-exp, then one task per (batch, tile of kTile
 // student rows): the vocabulary is walked in blocks of kVBlock; the tile's probabilities of a
@@ -155,11 +157,27 @@ PK_FLATTEN void slope_rows(const float* x, int64_t nr, const float* y, const flo
   }
 }
 
+template <typename scalar_t>
+void cdist_lse(const CdistForwardArgs& a) {
+  lse_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.lse_s);
+  lse_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.lse_t);
+}
+
+template <typename scalar_t>
+void prob_slab(const ProbSlabArgs& a) {
+  at::parallel_for(0, a.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      block_probs(cdist_row<scalar_t>(a.x, a.G, r) + a.v0, a.n, a.inv_t, a.lse[r],
+                  row_is_valid(a.row_valid, r), a.out + r * a.n);
+    }
+  });
+}
+
 template <typename scalar_t, int64_t Cost>
 void cdist_forward(const CdistForwardArgs& a) {
   const int64_t V = a.V, Gs = a.Gs, Gt = a.Gt;
-  lse_rows<scalar_t>(a.student, a.Bt * Gs, Gs, V, a.inv_t, a.row_valid, a.lse_s);
-  lse_rows<scalar_t>(a.teacher, a.Bt * Gt, Gt, V, a.inv_t, a.row_valid, a.lse_t);
+  cdist_lse<scalar_t>(a);
   const int64_t tiles = (Gs + kTile - 1) / kTile;
   at::parallel_for(0, a.Bt * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(kTile * kVBlock), p(kVBlock), accC(kTile * Gt), accA(kTile * Gt);
@@ -247,25 +265,39 @@ void cdist_backward(const CdistBackwardArgs& a) {
   });
 }
 
+// The elementwise kernels serve l1; the squared distance goes through prob_slab + BLAS
+// (cdist_cpu.cpp).
 template <typename scalar_t>
 struct ForwardFn {
   static void run(const CdistForwardArgs& a) {
-    a.cost == math::kCostL1 ? cdist_forward<scalar_t, math::kCostL1>(a)
-                            : cdist_forward<scalar_t, math::kCostSqEuclidean>(a);
+    TORCH_CHECK(a.cost == math::kCostL1, "pykernels: the elementwise cdist kernel is l1 only");
+    cdist_forward<scalar_t, math::kCostL1>(a);
   }
 };
 
 template <typename scalar_t>
 struct BackwardFn {
   static void run(const CdistBackwardArgs& a) {
-    a.cost == math::kCostL1 ? cdist_backward<scalar_t, math::kCostL1>(a)
-                            : cdist_backward<scalar_t, math::kCostSqEuclidean>(a);
+    TORCH_CHECK(a.cost == math::kCostL1, "pykernels: the elementwise cdist kernel is l1 only");
+    cdist_backward<scalar_t, math::kCostL1>(a);
   }
+};
+
+template <typename scalar_t>
+struct LseFn {
+  static void run(const CdistForwardArgs& a) { cdist_lse<scalar_t>(a); }
+};
+
+template <typename scalar_t>
+struct SlabFn {
+  static void run(const ProbSlabArgs& a) { prob_slab<scalar_t>(a); }
 };
 
 }  // namespace
 
 void softmax_cdist_forward_kernel(const CdistForwardArgs& args) { dispatch_dtype<ForwardFn>(args); }
+void softmax_cdist_lse_kernel(const CdistForwardArgs& args) { dispatch_dtype<LseFn>(args); }
+void prob_slab_kernel(const ProbSlabArgs& args) { dispatch_dtype<SlabFn>(args); }
 void softmax_cdist_backward_kernel(const CdistBackwardArgs& args) { dispatch_dtype<BackwardFn>(args); }
 
 }  // namespace CPU_CAPABILITY

@@ -39,10 +39,26 @@ struct CdistBackwardArgs {
   void* grad_x;         // [Bt, Gx, V] contiguous, x's dtype
 };
 
+// Probabilities of the rows of one side over the columns [v0, v0 + n): out[r, k] for every row
+// r of the [Bt, G, V] view (zeros on masked rows), fp32, row stride n. The squared distance
+// on CPU is matrix products of such slabs (BLAS), one slab of columns at a time.
+struct ProbSlabArgs {
+  c10::ScalarType dtype;
+  int64_t rows, G, V;
+  RowsView x;
+  const bool* row_valid;
+  const float* lse;  // [rows]
+  float inv_t;
+  int64_t v0, n;
+  float* out;  // [rows, n]
+};
+
 #define PK_DECLARE_CDIST_KERNELS(ISA)                          \
   namespace ISA {                                              \
   void softmax_cdist_forward_kernel(const CdistForwardArgs&);  \
+  void softmax_cdist_lse_kernel(const CdistForwardArgs&);      \
   void softmax_cdist_backward_kernel(const CdistBackwardArgs&); \
+  void prob_slab_kernel(const ProbSlabArgs&);                  \
   }
 
 PK_DECLARE_CDIST_KERNELS(DEFAULT)
