@@ -1,0 +1,137 @@
+"""The benchmark harness itself (benchmarks/harness.py) on tiny shapes: providers skipped with a
+note, errors reported without ending the sweep, result files with their metadata, the
+minimal-bytes model, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+harness = pytest.importorskip("benchmarks.harness")
+bench_ops = pytest.importorskip("benchmarks.ops")
+
+HAS_EXT = "cpu" in __import__("pykernels").available_backends("cpu")
+
+
+def test_minimal_bytes_model():
+    ops = bench_ops.OPS
+    N, V = 7, 1000
+    # two logit tensors read, plus the student gradient written in forward + backward
+    assert bench_ops.min_bytes(ops["forward_kl"], N, V, 2, backward=True) == 3 * N * V * 2
+    assert bench_ops.min_bytes(ops["jsd"], N, V, 4, backward=False) == 2 * N * V * 4
+    # token log-probs read one tensor
+    assert bench_ops.min_bytes(ops["logprobs_entropy"], N, V, 2, backward=True) == 2 * N * V * 2
+    assert bench_ops.min_bytes(ops["logprobs_entropy"], N, V, 2, backward=False) == N * V * 2
+    assert bench_ops.min_bytes(ops["sinkhorn_l1"], N, V, 4, backward=True) == 3 * N * V * 4
+
+
+def test_every_op_has_eager_and_pykernels_agreeing():
+    """Each benchmarked pair computes the same loss (the table compares like with like)."""
+    s, t, y = bench_ops.make_inputs(6, 50, torch.float32, "cpu")
+    for name, op in bench_ops.OPS.items():
+        ours = op.ours(s, t, y, "torch").item()
+        eager = op.eager(s, t, y).item()
+        assert ours == pytest.approx(eager, rel=2e-4, abs=1e-6), name
+
+
+def test_providers_skipped_with_a_note():
+    notes = set()
+    names = harness.provider_names(bench_ops.OPS["forward_kl"], "cpu", notes)
+    assert "eager" in names and "compile" in names
+    assert "pykernels-triton" not in names  # interpreter only on CPU
+    assert "liger" not in names
+    assert any(n.startswith("liger") for n in notes)
+    if "triton" in __import__("pykernels").available_backends("cpu"):
+        assert any("pykernels-triton" in n for n in notes)
+
+
+def _args(tmp_path, *extra):
+    return ["--op", "forward_kl", "logprobs_entropy", "--shape", "8x64", "16x128",
+            "--results-dir", str(tmp_path), "--no-progress", *extra]
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="C++ extension not built")
+def test_sweep_writes_results_table_and_plots(tmp_path, capsys):
+    out = harness.main(_args(tmp_path, "--mode", "both", "--provider", "eager", "pykernels-*", "compile"))
+    meta, results = out["meta"], out["results"]
+    for key in ("device", "torch", "triton", "date", "commit"):
+        assert meta[key], key
+    # 2 ops x 2 shapes x 2 modes x 3 providers
+    assert len(results) == 24
+    assert all(r["status"] == "ok" for r in results), [r["status"] for r in results]
+    for r in results:
+        elem = 4
+        n_inputs = 1 if r["op"] == "logprobs_entropy" else 2
+        assert r["min_bytes"] == (n_inputs + (r["mode"] == "fwd+bwd")) * r["rows"] * r["vocab"] * elem
+        assert r["gbps"] == pytest.approx(r["min_bytes"] / r["median_ms"] / 1e6)
+        assert r["fraction_of_copy"] == pytest.approx(r["gbps"] / r["copy_gbps"])
+        assert r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
+        assert r["extra_peak_mb"] is not None and r["extra_peak_mb"] >= 0
+    eager = {(r["op"], r["rows"], r["mode"]): r["median_ms"] for r in results if r["provider"] == "eager"}
+    for r in results:
+        assert r["speedup_vs_eager"] == pytest.approx(eager[(r["op"], r["rows"], r["mode"])] / r["median_ms"])
+    out_dir = tmp_path / harness.device_dir_name(meta["device"])
+    saved = json.loads((out_dir / f"bench_{meta['date']}.json").read_text())
+    assert saved["meta"]["commit"] == meta["commit"] and len(saved["results"]) == 24
+    lines = (out_dir / f"bench_{meta['date']}.csv").read_text().splitlines()
+    header = [ln for ln in lines if ln.startswith("# ")]
+    assert any(ln.startswith("# device:") for ln in header) and any(ln.startswith("# torch:") for ln in header)
+    rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("# ")))
+    assert len(rows) == 24 and rows[0]["provider"]
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    assert any("time_fwd_bwd" in p for p in pngs) and any("memory_fwd" in p for p in pngs)
+    printed = capsys.readouterr().out
+    assert "forward_kl" in printed and "eager ms" in printed
+
+
+def test_failing_provider_is_reported_and_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    real = harness.provider_fn
+
+    def flaky(name, op):
+        if name == "eager" and op.name == "forward_kl":
+            def boom(s, t, y):
+                raise RuntimeError("simulated failure")
+            return boom
+        return real(name, op)
+
+    monkeypatch.setattr(harness, "provider_fn", flaky)
+    out = harness.main(_args(tmp_path, "--provider", "eager", "pykernels-torch", "--no-plots", "--no-memory"))
+    status = {(r["op"], r["rows"], r["provider"]): r["status"] for r in out["results"]}
+    assert status[("forward_kl", 8, "eager")].startswith("error: RuntimeError: simulated failure")
+    assert status[("logprobs_entropy", 8, "eager")] == "ok"
+    assert "simulated failure" in capsys.readouterr().out
+
+
+def test_memory_child_sees_eager_allocations(tmp_path):
+    """The CPU memory method counts allocations the allocator would otherwise serve from
+    memory it holds: eager forward+backward of forward KL at 256 x 8192 fp32 builds several
+    8 MB tensors, the fused kernel none."""
+    if not Path("/proc/self/clear_refs").exists() or not HAS_EXT:
+        pytest.skip("needs Linux /proc and the C++ extension")
+    case = dict(op="forward_kl", rows=256, vocab=8192, dtype="float32", mode="fwd+bwd", device="cpu")
+    results = [dict(case, provider=p, status="ok") for p in ("eager", "pykernels-cpu")]
+    note = harness.add_cpu_memory(results)
+    assert "MALLOC_MMAP_THRESHOLD_" in note
+    eager_mb, ours_mb = results[0]["extra_peak_mb"], results[1]["extra_peak_mb"]
+    tensor_mb = 256 * 8192 * 4 / 2**20
+    assert eager_mb >= 2 * tensor_mb, (eager_mb, tensor_mb)
+    assert ours_mb < 0.5 * tensor_mb, (ours_mb, tensor_mb)
+
+
+def test_cli_filters(tmp_path):
+    args = harness.parse_args(["--op", "sinkhorn_*", "--dtype", "bfloat16", "--mode", "fwd"])
+    cases = harness.build_cases(args)
+    assert {c.op for c in cases} == {"sinkhorn_l1", "sinkhorn_sqeuclidean"}
+    assert {c.dtype for c in cases} == {"bfloat16"} and {c.mode for c in cases} == {"fwd"}
+    assert {c.rows for c in cases} == set(harness.CPU_SHAPES["groups"])
+    with pytest.raises(SystemExit):
+        harness.build_cases(harness.parse_args(["--op", "nope"]))
