@@ -167,8 +167,9 @@ def main():
             ) from exc
         print(f"pykernels: building without the C++ extension ({exc})", file=sys.stderr)
     setup(
-        packages=["pykernels", "pykernels.triton_kernels"],
-        package_dir={"pykernels": "pykernels", "pykernels.triton_kernels": "triton_kernels"},
+        packages=["pykernels", "pykernels.triton_kernels", "pykernels.benchmarks"],
+        package_dir={"pykernels": "pykernels", "pykernels.triton_kernels": "triton_kernels",
+                     "pykernels.benchmarks": "benchmarks"},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

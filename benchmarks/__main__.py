@@ -1,5 +1,5 @@
 """python -m benchmarks: the benchmark harness (see benchmarks/harness.py)."""
 
-from .harness import main
+from .harness import cli
 
-main()
+cli()

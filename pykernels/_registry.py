@@ -155,17 +155,24 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def _register_pair(forward_name: str, backward_name: str, fake: bool) -> None:
+# An op pair: fake tensors (C++ ops only: triton_op traces its own), autograd of the forward
+# through the backward op, and a clear error for differentiating the backward.
+_PAIRS = {}  # family -> (fake forward, fake backward, backward factory, setup_context)
+
+
+def _register_op_pair(family: str, forward_name: str, backward_name: str, fake: bool) -> None:
+    fake_forward, fake_backward, make_backward, setup_context = _PAIRS[family]
     if fake:
-        torch.library.register_fake(f"{_LIB}::{forward_name}")(_fake_forward)
-        torch.library.register_fake(f"{_LIB}::{backward_name}")(_fake_backward)
-    backward_op = getattr(torch.ops.pykernels, backward_name)
+        torch.library.register_fake(f"{_LIB}::{forward_name}")(fake_forward)
+        torch.library.register_fake(f"{_LIB}::{backward_name}")(fake_backward)
     torch.library.register_autograd(
-        f"{_LIB}::{forward_name}", _autograd_backward(backward_op), setup_context=_setup_context
-    )
+        f"{_LIB}::{forward_name}", make_backward(getattr(torch.ops.pykernels, backward_name)),
+        setup_context=setup_context)
     torch.library.register_autograd(
-        f"{_LIB}::{backward_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-    )
+        f"{_LIB}::{backward_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_PAIRS["divergence"] = (_fake_forward, _fake_backward, _autograd_backward, _setup_context)
 
 
 # ------------------------------------------------------------------ token log-probs + entropy
@@ -205,16 +212,8 @@ def _logprob_autograd_backward(backward_op):
     return backward
 
 
-def _register_logprob_pair(forward_name: str, backward_name: str, fake: bool) -> None:
-    if fake:
-        torch.library.register_fake(f"{_LIB}::{forward_name}")(_fake_logprob_forward)
-        torch.library.register_fake(f"{_LIB}::{backward_name}")(_fake_logprob_backward)
-    torch.library.register_autograd(
-        f"{_LIB}::{forward_name}",
-        _logprob_autograd_backward(getattr(torch.ops.pykernels, backward_name)),
-        setup_context=_setup_logprob_context)
-    torch.library.register_autograd(
-        f"{_LIB}::{backward_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_PAIRS["logprob"] = (_fake_logprob_forward, _fake_logprob_backward, _logprob_autograd_backward,
+                    _setup_logprob_context)
 
 
 
@@ -271,21 +270,14 @@ def _cdist_autograd_backward(backward_op):
     return backward
 
 
-def _register_cdist_pair(forward_name: str, backward_name: str, fake: bool) -> None:
-    if fake:
-        torch.library.register_fake(f"{_LIB}::{forward_name}")(_fake_cdist_forward)
-        torch.library.register_fake(f"{_LIB}::{backward_name}")(_fake_cdist_backward)
-    torch.library.register_autograd(
-        f"{_LIB}::{forward_name}", _cdist_autograd_backward(getattr(torch.ops.pykernels, backward_name)),
-        setup_context=_setup_cdist_context)
-    torch.library.register_autograd(
-        f"{_LIB}::{backward_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_PAIRS["cdist"] = (_fake_cdist_forward, _fake_cdist_backward, _cdist_autograd_backward,
+                  _setup_cdist_context)
 
 
 if _backend.EXTENSION_ERROR is None:
-    _register_pair("divergence_forward", "divergence_backward", fake=True)
-    _register_logprob_pair("token_logprob_forward", "token_logprob_backward", fake=True)
-    _register_cdist_pair("softmax_cdist_forward", "softmax_cdist_backward", fake=True)
+    _register_op_pair("divergence", "divergence_forward", "divergence_backward", fake=True)
+    _register_op_pair("logprob", "token_logprob_forward", "token_logprob_backward", fake=True)
+    _register_op_pair("cdist", "softmax_cdist_forward", "softmax_cdist_backward", fake=True)
     torch.library.register_fake("pykernels::divergence_forward_with_grad")(_fake_forward_with_grad)
     torch.library.register_autograd("pykernels::divergence_forward_with_grad", _fused_backward,
                                     setup_context=_setup_fused_context)
@@ -359,7 +351,7 @@ if _backend.HAS_TRITON:
             grad_t = grad_t.view(teacher.shape)
         return grad_s, grad_t
 
-    _register_pair("triton_divergence_forward", "triton_divergence_backward", fake=False)
+    _register_op_pair("divergence", "triton_divergence_forward", "triton_divergence_backward", fake=False)
 
     from .triton_kernels import logprobs as _triton_logprobs
 
@@ -381,8 +373,8 @@ if _backend.HAS_TRITON:
             grad_logp, grad_entropy, x3, tokens, stats, inv_temperature, _wrap=_launch_wrapper())
         return grad.view(logits.shape)
 
-    _register_logprob_pair("triton_token_logprob_forward", "triton_token_logprob_backward",
-                           fake=False)
+    _register_op_pair("logprob", "triton_token_logprob_forward", "triton_token_logprob_backward",
+                      fake=False)
 
     from .triton_kernels import cdist as _triton_cdist
 
@@ -403,7 +395,8 @@ if _backend.HAS_TRITON:
         return _triton_cdist.softmax_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid,
                                                     cost, inv_temperature, _wrap=_launch_wrapper())
 
-    _register_cdist_pair("triton_softmax_cdist_forward", "triton_softmax_cdist_backward", fake=False)
+    _register_op_pair("cdist", "triton_softmax_cdist_forward", "triton_softmax_cdist_backward",
+                      fake=False)
 
 
 def divergence_rows(backend: str, student, teacher, row_valid, kind: int, w: float,
