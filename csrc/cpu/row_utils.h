@@ -54,7 +54,13 @@ constexpr int64_t kLanes = Vec::size();
 #define PK_FLATTEN
 #endif
 
-inline float hsum(Vec v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v); }
+inline float hsum(Vec v) {
+  float lanes[kLanes];
+  v.store(lanes);
+  float acc = 0.f;
+  for (int64_t i = 0; i < kLanes; ++i) acc += lanes[i];
+  return acc;
+}
 
 // Max that propagates NaN (a NaN logit must make the row NaN, as in eager).
 inline float nan_max(float a, float b) { return (a != a || b != b) ? NAN : (a > b ? a : b); }
