@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -221,6 +222,15 @@ inline void check_f32(const at::Tensor& t, at::IntArrayRef sizes, const char* na
                   t.device() == like.device(),
               "pykernels: ", name, " must be a contiguous float32 ", sizes, " tensor on the logits' device, got ",
               t.sizes());
+}
+
+// The forward op's outputs (C, A, lse_s, lse_t), fp32 on the logits' device.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cdist_outputs(
+    const at::Tensor& student, const at::Tensor& teacher) {
+  const int64_t Bt = student.size(0), Gs = student.size(1), Gt = teacher.size(1);
+  const auto f32 = student.options().dtype(at::kFloat);
+  return {at::empty({Bt, Gs, Gt}, f32), at::empty({Bt, Gs, Gt}, f32), at::empty({Bt * Gs}, f32),
+          at::empty({Bt * Gt}, f32)};
 }
 
 // The backward op's contract, checked once for every device's kernel.

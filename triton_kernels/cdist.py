@@ -64,6 +64,14 @@ def _row_ok(valid_ptr, offset, rows, in_range, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(lse_ptr, valid_ptr, b, rows, G, HAS_VALID: tl.constexpr):
+    # (in range, usable (in range and not masked), lse) of rows `rows` of batch b
+    in_range = rows < G
+    lse = tl.load(lse_ptr + b * G + rows, mask=in_range, other=float("inf"))
+    return in_range, _row_ok(valid_ptr, b * G, rows, in_range, HAS_VALID), lse
+
+
+@triton.jit
 def _sign(d):
     # sign(d), 0 at 0 and at NaN (pk_math.h cost_slope_times)
     return tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
@@ -81,11 +89,8 @@ def _cdist_fwd_kernel(
     b = (pid // tiles_i).to(tl.int64)
     ri = (pid % tiles_i) * BI + tl.arange(0, BI).to(tl.int64)
     rj = tl.program_id(1) * BJ + tl.arange(0, BJ).to(tl.int64)
-    in_i, in_j = ri < Gs, rj < Gt
-    lse_i = tl.load(lse_s_ptr + b * Gs + ri, mask=in_i, other=float("inf"))
-    lse_j = tl.load(lse_t_ptr + b * Gt + rj, mask=in_j, other=float("inf"))
-    ok_i = _row_ok(valid_ptr, b * Gs, ri, in_i, HAS_VALID)
-    ok_j = _row_ok(valid_ptr, b * Gt, rj, in_j, HAS_VALID)
+    in_i, ok_i, lse_i = _tile_rows(lse_s_ptr, valid_ptr, b, ri, Gs, HAS_VALID)
+    in_j, ok_j, lse_j = _tile_rows(lse_t_ptr, valid_ptr, b, rj, Gt, HAS_VALID)
     s_base = s_ptr + b * s_sb
     t_base = t_ptr + b * t_sb
     cols0 = tl.arange(0, BV)
@@ -131,18 +136,15 @@ def _cdist_bwd_kernel(
     b = (pid // tiles_i).to(tl.int64)
     ri = (pid % tiles_i) * BI + tl.arange(0, BI).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
-    in_i, in_c = ri < Gx, cols < V
-    lse_i = tl.load(lse_x_ptr + b * Gx + ri, mask=in_i, other=float("inf"))
-    ok_i = _row_ok(valid_ptr, b * Gx, ri, in_i, HAS_VALID)
+    in_c = cols < V
+    in_i, ok_i, lse_i = _tile_rows(lse_x_ptr, valid_ptr, b, ri, Gx, HAS_VALID)
     x = _probs_tile(x_ptr + b * x_sb, ri, ok_i, cols, in_c, x_sg, inv_t, lse_i)
     y_base = y_ptr + b * y_sb
     g = tl.zeros([BI, BV], dtype=tl.float32)
     w_total = tl.zeros([BI], dtype=tl.float32)
     for j0 in range(0, Gy, BJ):
         rj = j0 + tl.arange(0, BJ).to(tl.int64)
-        in_j = rj < Gy
-        lse_j = tl.load(lse_y_ptr + b * Gy + rj, mask=in_j, other=float("inf"))
-        ok_j = _row_ok(valid_ptr, b * Gy, rj, in_j, HAS_VALID)
+        in_j, ok_j, lse_j = _tile_rows(lse_y_ptr, valid_ptr, b, rj, Gy, HAS_VALID)
         y = _probs_tile(y_base, rj, ok_j, cols, in_c, y_sg, inv_t, lse_j)
         w = tl.load(w_ptr + (b * Gx + ri)[:, None] * Gy + rj[None, :],
                     mask=in_i[:, None] & in_j[None, :], other=0.0)

@@ -90,9 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cdist_forward
     const std::optional<at::Tensor>& row_valid, int64_t cost, double inv_temperature) {
   check_cdist_pair(student, teacher, row_valid, cost, c10::DeviceType::CPU);
   const int64_t Bt = student.size(0), Gs = student.size(1), Gt = teacher.size(1);
-  auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor C = at::empty({Bt, Gs, Gt}, f32), A = at::empty({Bt, Gs, Gt}, f32);
-  at::Tensor lse_s = at::empty({Bt * Gs}, f32), lse_t = at::empty({Bt * Gt}, f32);
+  auto [C, A, lse_s, lse_t] = cdist_outputs(student, teacher);
   CdistForwardArgs args{};
   args.dtype = student.scalar_type();
   args.Bt = Bt, args.Gs = Gs, args.Gt = Gt, args.V = student.size(2);

@@ -225,9 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cdist_forward
   check_cdist_pair(student, teacher, row_valid, cost, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t Bt = student.size(0), Gs = student.size(1), Gt = teacher.size(1), V = student.size(2);
-  const auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor C = at::empty({Bt, Gs, Gt}, f32), A = at::empty({Bt, Gs, Gt}, f32);
-  at::Tensor lse_s = at::empty({Bt * Gs}, f32), lse_t = at::empty({Bt * Gt}, f32);
+  at::Tensor C, A, lse_s, lse_t;  // named, not structured bindings: the launch lambda captures them
+  std::tie(C, A, lse_s, lse_t) = cdist_outputs(student, teacher);
   const float inv_t = static_cast<float>(inv_temperature);
   const bool* valid = valid_ptr(row_valid);
   PK_DISPATCH_LOGIT_TYPES(student.scalar_type(), "softmax_cdist_forward_cuda", [&] {
