@@ -32,3 +32,26 @@ class DistillationLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.params.items()])
+
+
+class SinkhornLoss(torch.nn.Module):
+    """`SinkhornLoss(cost="l1", epsilon=0.1, n_iters=20, temperature=2.0, group_size=T)` applied
+    as `loss(student_logits, teacher_logits, labels=None)`: pykernels.sinkhorn_loss with its
+    keywords held by the module (SinKD's Sinkhorn term; add a KL term next to it)."""
+
+    _ALLOWED = {"cost", "epsilon", "n_iters", "temperature", "group_size", "ignore_index",
+                "envelope", "backend"}
+
+    def __init__(self, **params):
+        super().__init__()
+        unknown = set(params) - self._ALLOWED
+        if unknown:
+            raise TypeError(f"SinkhornLoss got unknown keyword(s) {sorted(unknown)}; "
+                            f"allowed: {sorted(self._ALLOWED)}")
+        self.params = params
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return functional.sinkhorn_loss(student_logits, teacher_logits, labels=labels, **self.params)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.params.items())

@@ -553,3 +553,17 @@ def test_sinkhorn_loss_gpu_vs_oracle(backend):
     _assert_close(gs.cpu(), rgs, 2e-3, f"{backend} student grad")
     _assert_close(gt.cpu(), rgt, 2e-3, f"{backend} teacher grad")
 
+
+
+def test_sinkhorn_loss_module(cpu_backend):
+    pk = H.pk()
+    s, t, group_size, labels = _layout_inputs(((2, 4, 19), 4, 0.25), seed=150)
+    module = pk.nn.SinkhornLoss(cost="sqeuclidean", epsilon=0.2, n_iters=10, group_size=4,
+                                backend=cpu_backend)
+    assert "epsilon=0.2" in repr(module)
+    got = module(s, t, labels=labels)
+    expected = ref.sinkhorn_loss(s, t, cost="sqeuclidean", epsilon=0.2, n_iters=10, group_size=4,
+                                 labels=labels)
+    assert got.item() == pytest.approx(expected.item(), rel=2e-4, abs=1e-6)
+    with pytest.raises(TypeError, match="unknown keyword"):
+        pk.nn.SinkhornLoss(eps=0.1)
