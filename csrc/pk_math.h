@@ -128,6 +128,27 @@ PK_HD void skew_ratios(const DivParams& P, V lq, V lp, V q, V p, V& lm, V& pq_m,
   wp_m = Ops::select(m_zero, Ops::splat(0.f), Ops::exp(lp + Ops::splat(P.log_w) - lm));
 }
 
+// Skew KL split into what the row sums need and what the gradient needs besides q and p:
+// p q / M and gp_base = lp - log M - w p / M. The CPU fused forward keeps those two per element
+// in pass 2, so that its gradient pass has no log or exp left (div_grad recomputes them).
+template <class Ops, class V>
+PK_HD void skew_accumulate(const DivParams& P, V lq, V lp, V q, V p, V& a0, V& a1, V& a2, V& pq_m,
+                           V& gp_base) {
+  V lm, wp_m;
+  skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, wp_m);
+  a0 = a0 + xmul0<Ops, V>(p, lp - lm);  // KL(p||M)
+  a1 = a1 + pq_m;                       // sum p q / M
+  a2 = a2 + p * wp_m;                   // sum w p^2 / M
+  gp_base = lp - lm - wp_m;
+}
+
+template <class Ops, class V>
+PK_HD void skew_grad(const DivParams& P, V q, V p, V pq_m, V gp_base, float r0, float r1, V& gq,
+                     V& gp) {
+  gq = Ops::splat(1.f - P.w) * (q * Ops::splat(r0) - pq_m);
+  gp = xmul0<Ops, V>(p, gp_base - Ops::splat(r1));
+}
+
 // Forward KL straight from the statistics pass (no second pass): with e = exp(t - max_t),
 // KL(p||q) = sum e (t - s) / sum e - lse_p + lse_q. `fkl_cross_term` is one element of the
 // first sum (0 where e = 0, so a -inf teacher entry adds nothing).
@@ -157,11 +178,8 @@ PK_HD void div_accumulate(const DivParams& P, V lq, V lp, V q, V p, V& a0, V& a1
       break;
     }
     case kSkewForwardKL: {
-      V lm, pq_m, wp_m;
-      skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, wp_m);
-      a0 = a0 + xmul0<Ops, V>(p, lp - lm);  // KL(p||M)
-      a1 = a1 + pq_m;                       // sum p q / M
-      a2 = a2 + p * wp_m;                   // sum w p^2 / M
+      V pq_m, gp_base;
+      skew_accumulate<Ops, V>(P, lq, lp, q, p, a0, a1, a2, pq_m, gp_base);
       break;
     }
     case kTVD: {
@@ -239,8 +257,7 @@ PK_HD void div_grad(const DivParams& P, V lq, V lp, V q, V p, float r0, float r1
     case kSkewForwardKL: {
       V lm, pq_m, wp_m;
       skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, wp_m);
-      gq = Ops::splat(1.f - P.w) * (q * vr0 - pq_m);
-      gp = xmul0<Ops, V>(p, lp - lm - wp_m - vr1);
+      skew_grad<Ops, V>(P, q, p, pq_m, lp - lm - wp_m, r0, r1, gq, gp);
       break;
     }
     case kTVD: {

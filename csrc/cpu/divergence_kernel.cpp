@@ -25,17 +25,22 @@ namespace {
 
 // Per-thread buffers: the two L1 blocks and, for kinds with a second pass, the row's shifted
 // exponentials with the running max each block was taken against (so pass 2 needs no exp).
+// With keep_skew (skew KL's fused forward) also pass 2's per-element p q / M and
+// lp - log M - w p / M, so the gradient pass needs no log or exp.
 struct Scratch {
   std::vector<float> data;
-  float *sb, *tb, *es, *et, *blk_ms, *blk_mt;
-  Scratch(int64_t V, bool keep_exps)
-      : data(2 * kBlock + (keep_exps ? 2 * (V + num_blocks(V)) : 0)) {
+  float *sb, *tb, *es, *et, *blk_ms, *blk_mt, *skew_pq, *skew_base;
+  Scratch(int64_t V, bool keep_exps, bool keep_skew = false)
+      : data(2 * kBlock + (keep_exps ? 2 * (V + num_blocks(V)) : 0) + (keep_skew ? 2 * V : 0)) {
     sb = data.data();
     tb = sb + kBlock;
     es = keep_exps ? tb + kBlock : nullptr;
     et = keep_exps ? es + V : nullptr;
     blk_ms = keep_exps ? et + V : nullptr;
     blk_mt = keep_exps ? blk_ms + num_blocks(V) : nullptr;
+    float* end = keep_exps ? blk_mt + num_blocks(V) : tb + kBlock;
+    skew_pq = keep_skew ? end : nullptr;
+    skew_base = keep_skew ? end + V : nullptr;
   }
 };
 
@@ -220,6 +225,7 @@ float prob_factor(float m_blk, float lse) { return m_blk == -INFINITY ? 0.f : ::
 // Probabilities of a block recomputed from the row's log-sum-exp (backward pass).
 struct ProbsFromLse {
   static constexpr bool kCached = false;
+  static constexpr bool kSkewCached = false;
   void block(int64_t /*b0*/, int64_t /*blk*/) {}
   std::pair<Vec, Vec> vec(int64_t /*i*/, Vec lq, Vec lp) const {
     return {VecOps::exp(lq), VecOps::exp(lp)};
@@ -232,6 +238,7 @@ struct ProbsFromLse {
 // Probabilities of a block from the exponentials pass 1 kept (fused forward): no exp at all.
 struct ProbsFromCache {
   static constexpr bool kCached = true;
+  static constexpr bool kSkewCached = false;
   const Scratch& sc;
   float lse_q, lse_p;
   const float *es = nullptr, *et = nullptr;
@@ -251,6 +258,17 @@ struct ProbsFromCache {
   std::pair<float, float> scalar(int64_t i, float, float) const { return {es[i] * cq, et[i] * cp}; }
 };
 
+// Skew KL's fused forward: probabilities and the two skew terms pass 2 kept (no log, no exp).
+struct SkewFromCache : ProbsFromCache {
+  static constexpr bool kSkewCached = true;
+  const float *pq = nullptr, *base = nullptr;
+  void block(int64_t b0, int64_t blk) {
+    ProbsFromCache::block(b0, blk);
+    pq = sc.skew_pq + b0;
+    base = sc.skew_base + b0;
+  }
+};
+
 // Writes one row's gradient(s) scale * (gq, gp) of div_grad, block by block, straight into the
 // fp32 output or through an fp32 staging block for 16-bit outputs.
 template <typename scalar_t, bool kStudent, bool kTeacher, class Probs>
@@ -261,7 +279,8 @@ PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, c
   constexpr bool kDirect = std::is_same_v<scalar_t, float>;
   // Forward KL's student gradient q - p needs no log-probabilities: with cached probabilities
   // the logits need not be read again at all.
-  const bool need_logits = !(Probs::kCached && P.kind == math::kForwardKL && !kTeacher);
+  const bool need_logits =
+      !(Probs::kSkewCached || (Probs::kCached && P.kind == math::kForwardKL && !kTeacher));
   const Vec vlq(lse_q), vlp(lse_p), vscale(scale);
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, V - b0);
@@ -276,10 +295,16 @@ PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, c
     }
     const Prefetcher<scalar_t> next{srow, trow, need_logits ? b0 + kBlock : V, V};
     const auto grads = [&](int64_t i) {
-      const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
-      const auto [q, p] = probs.vec(i, lq, lp);
       Vec gq, gp;
-      math::div_grad<VecOps, Vec>(P, lq, lp, q, p, r0, r1, gq, gp);
+      if constexpr (Probs::kSkewCached) {
+        const auto [q, p] = probs.vec(i, vlq, vlp);
+        math::skew_grad<VecOps, Vec>(P, q, p, Vec::loadu(probs.pq + i), Vec::loadu(probs.base + i),
+                                     r0, r1, gq, gp);
+      } else {
+        const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
+        const auto [q, p] = probs.vec(i, lq, lp);
+        math::div_grad<VecOps, Vec>(P, lq, lp, q, p, r0, r1, gq, gp);
+      }
       return std::pair<Vec, Vec>{gq * vscale, gp * vscale};
     };
     int64_t i = 0;
@@ -303,10 +328,15 @@ PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, c
       if (kTeacher) gp.store(gt + i);
     }
     for (; i < n; ++i) {
-      const float lq = sv[i] - lse_q, lp = tv[i] - lse_p;
-      const auto [q, p] = probs.scalar(i, lq, lp);
       float gq, gp;
-      math::div_grad<ScalarOps, float>(P, lq, lp, q, p, r0, r1, gq, gp);
+      if constexpr (Probs::kSkewCached) {
+        const auto [q, p] = probs.scalar(i, 0.f, 0.f);
+        math::skew_grad<ScalarOps, float>(P, q, p, probs.pq[i], probs.base[i], r0, r1, gq, gp);
+      } else {
+        const float lq = sv[i] - lse_q, lp = tv[i] - lse_p;
+        const auto [q, p] = probs.scalar(i, lq, lp);
+        math::div_grad<ScalarOps, float>(P, lq, lp, q, p, r0, r1, gq, gp);
+      }
       if (kStudent) gs[i] = gq * scale;
       if (kTeacher) gt[i] = gp * scale;
     }
@@ -332,6 +362,7 @@ PK_FLATTEN void row_pass2(const math::DivParams& P, const scalar_t* srow, const 
                           float& acc1, float& acc2) {
   ProbsFromCache probs{sc, p1.lse_q, p1.lse_p};
   const Vec vlq(p1.lse_q), vlp(p1.lse_p);
+  const bool keep_skew = sc.skew_pq != nullptr;  // only allocated for skew KL's fused forward
   Vec v0(0.f), v1(0.f), v2(0.f);
   acc0 = acc1 = acc2 = 0.f;
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
@@ -341,16 +372,29 @@ PK_FLATTEN void row_pass2(const math::DivParams& P, const scalar_t* srow, const 
     probs.block(b0, blk);
     const Prefetcher<scalar_t> next{srow, trow, b0 + kBlock, V};
     int64_t i = 0;
+    float* pq_out = keep_skew ? sc.skew_pq + b0 : nullptr;
+    float* base_out = keep_skew ? sc.skew_base + b0 : nullptr;
     for (; i + kLanes <= n; i += kLanes) {
       next(i);
       const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
       const auto [q, p] = probs.vec(i, lq, lp);
-      math::div_accumulate<VecOps, Vec>(P, lq, lp, q, p, v0, v1, v2);
+      if (keep_skew) {
+        Vec pq_m, gp_base;
+        math::skew_accumulate<VecOps, Vec>(P, lq, lp, q, p, v0, v1, v2, pq_m, gp_base);
+        pq_m.store(pq_out + i);
+        gp_base.store(base_out + i);
+      } else {
+        math::div_accumulate<VecOps, Vec>(P, lq, lp, q, p, v0, v1, v2);
+      }
     }
     for (; i < n; ++i) {
       const float lq = sv[i] - p1.lse_q, lp = tv[i] - p1.lse_p;
       const auto [q, p] = probs.scalar(i, lq, lp);
-      math::div_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2);
+      if (keep_skew) {
+        math::skew_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2, pq_out[i], base_out[i]);
+      } else {
+        math::div_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2);
+      }
     }
   }
   acc0 += hsum(v0), acc1 += hsum(v1), acc2 += hsum(v2);
@@ -367,7 +411,8 @@ void forward_rows(const DivForwardArgs& a) {
   auto* grad_s = static_cast<scalar_t*>(a.grad_student);
   auto* grad_t = static_cast<scalar_t*>(a.grad_teacher);
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-    Scratch sc(V, /*keep_exps=*/!fkl || kGrad);
+    const bool skew = P.kind == math::kSkewForwardKL;
+    Scratch sc(V, /*keep_exps=*/!fkl || kGrad, /*keep_skew=*/skew && kGrad);
     std::vector<float> stage(kGrad ? 2 * kBlock : 0);
     for (int64_t r = begin; r < end; ++r) {
       float* stats = a.stats + r * math::kStatsWidth;
@@ -396,10 +441,18 @@ void forward_rows(const DivForwardArgs& a) {
       stats[math::kStatR0] = r0;
       stats[math::kStatR1] = r1;
       if constexpr (kGrad) {
-        write_grad_row<scalar_t, kStudent, kTeacher>(
-            P, srow, trow, V, a.inv_t, p1.lse_q, p1.lse_p, r0, r1, a.row_weight * a.inv_t, gs_row, gt_row,
-            ProbsFromCache{sc, p1.lse_q, p1.lse_p}, sc.sb, sc.tb, stage.data(),
-            stage.data() + kBlock);
+        const float scale = a.row_weight * a.inv_t;
+        if (skew) {
+          write_grad_row<scalar_t, kStudent, kTeacher>(
+              P, srow, trow, V, a.inv_t, p1.lse_q, p1.lse_p, r0, r1, scale, gs_row, gt_row,
+              SkewFromCache{{sc, p1.lse_q, p1.lse_p}}, sc.sb, sc.tb, stage.data(),
+              stage.data() + kBlock);
+        } else {
+          write_grad_row<scalar_t, kStudent, kTeacher>(
+              P, srow, trow, V, a.inv_t, p1.lse_q, p1.lse_p, r0, r1, scale, gs_row, gt_row,
+              ProbsFromCache{sc, p1.lse_q, p1.lse_p}, sc.sb, sc.tb, stage.data(),
+              stage.data() + kBlock);
+        }
       }
     }
   });
