@@ -199,9 +199,10 @@ inline void check_cdist_rows(const at::Tensor& x, const char* name, c10::DeviceT
 
 inline void check_cdist_pair(const at::Tensor& x, const at::Tensor& y,
                              const std::optional<at::Tensor>& row_valid, int64_t cost,
-                             c10::DeviceType device_type) {
-  check_cdist_rows(x, "student", device_type);
-  check_cdist_rows(y, "teacher", device_type);
+                             c10::DeviceType device_type, const char* x_name = "student",
+                             const char* y_name = "teacher") {
+  check_cdist_rows(x, x_name, device_type);
+  check_cdist_rows(y, y_name, device_type);
   TORCH_CHECK(x.size(0) == y.size(0) && x.size(2) == y.size(2), "pykernels: ", x.sizes(), " and ",
               y.sizes(), " must agree in batch and vocabulary size");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.device() == y.device(),
@@ -239,7 +240,7 @@ inline void check_cdist_backward(const at::Tensor& weight, const at::Tensor& x, 
                                  const at::Tensor& dot_x,
                                  const std::optional<at::Tensor>& row_valid, int64_t cost,
                                  c10::DeviceType device_type) {
-  check_cdist_pair(x, y, row_valid, cost, device_type);
+  check_cdist_pair(x, y, row_valid, cost, device_type, "x", "y");
   const int64_t Bt = x.size(0), Gx = x.size(1), Gy = y.size(1);
   check_f32(weight, {Bt, Gx, Gy}, "weight", x);
   check_f32(lse_x, {Bt * Gx}, "lse_x", x);

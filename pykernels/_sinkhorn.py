@@ -42,8 +42,9 @@ def _cdist_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def _as_batches(x: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
-    """x [..., V] as a [groups, rows, V] view (vocab stride 1); a copy, with a warning, only
-    when the leading dims cannot be viewed that way (e.g. one group over a sliced [B, T, V])."""
+    """x [..., V] as a [groups, rows, V] view (vocab stride 1). Copies only a vocabulary dim
+    with a non-unit stride (as the divergence ops do) or, with a warning, leading dims that
+    cannot be viewed that way (e.g. one group over a sliced [B, T, V])."""
     V = x.shape[-1]
     if V > 1 and x.stride(-1) != 1:
         x = x.contiguous()

@@ -106,7 +106,7 @@ def sinkhorn_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     K = exp(-C / epsilon); n_iters times, every row of K is divided by its sum, then every
     column by its sum (so the plan P has columns summing to 1), in the log domain, which stays
     finite for small epsilon; loss = sum_ij P_ij C_ij. Returns the mean over non-empty groups
-    (fp32; 0 when every row is ignored). Gradients flow through the iterations, as in SinKD;
+    (fp32, or fp64 for fp64 logits on the torch backend; 0 when every row is ignored). Gradients flow through the iterations, as in SinKD;
     envelope=True treats P as a constant (the gradient at convergence), which is cheaper."""
     return _sinkhorn.sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters,
                                    temperature, group_size, labels, ignore_index, envelope, backend)

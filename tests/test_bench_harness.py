@@ -34,13 +34,14 @@ def test_minimal_bytes_model():
     assert bench_ops.min_bytes(ops["sinkhorn_l1"], N, V, 4, backward=True) == 3 * N * V * 4
 
 
-def test_every_op_has_eager_and_pykernels_agreeing():
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_EXT else []))
+def test_every_op_has_eager_and_pykernels_agreeing(backend):
     """Each benchmarked pair computes the same loss (the table compares like with like)."""
     s, t, y = bench_ops.make_inputs(6, 50, torch.float32, "cpu")
     for name, op in bench_ops.OPS.items():
-        ours = op.ours(s, t, y, "torch").item()
+        ours = op.ours(s, t, y, backend).item()
         eager = op.eager(s, t, y).item()
-        assert ours == pytest.approx(eager, rel=2e-4, abs=1e-6), name
+        assert ours == pytest.approx(eager, rel=2e-4, abs=1e-6), (name, backend)
 
 
 def test_providers_skipped_with_a_note():
@@ -61,10 +62,12 @@ def _args(tmp_path, *extra):
 
 @pytest.mark.skipif(not HAS_EXT, reason="C++ extension not built")
 def test_sweep_writes_results_table_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     out = harness.main(_args(tmp_path, "--mode", "both", "--provider", "eager", "pykernels-*", "compile"))
     meta, results = out["meta"], out["results"]
-    for key in ("device", "torch", "triton", "date", "commit"):
+    for key in ("device", "torch", "date", "commit"):
         assert meta[key], key
+    assert "triton" in meta  # None when Triton is not installed
     # 2 ops x 2 shapes x 2 modes x 3 providers
     assert len(results) == 24
     assert all(r["status"] == "ok" for r in results), [r["status"] for r in results]

@@ -168,14 +168,30 @@ def test_softmax_cdist_nan_row_stays_in_its_row(cpu_backend):
     assert torch.isfinite(C[[0, 2]]).all()
 
 
-def test_softmax_cdist_strided_rows_no_copy(cpu_backend):
-    """[B, T, V] logits sliced to logits[:, :-1] (rows not contiguous with each other)."""
+def test_softmax_cdist_strided_rows_no_copy(cpu_backend, monkeypatch):
+    """[B, T, V] logits sliced to logits[:, :-1] (rows not contiguous with each other): no
+    copy of the logits (neither the copy warning nor a .contiguous() of a logits tensor)."""
+    import warnings
+
     pk = H.pk()
     big_s = H.make_logits((2, 6, 50), FP32, seed=15)
     big_t = H.make_logits((2, 6, 50), FP32, seed=16)
     s, t = big_s[:, :-1], big_t[:, 1:]
     grad_c = H.make_logits((2, 5, 5), FP32, seed=17, scale=1.0)
-    C, gs, gt = _cdist_grads(lambda a, b: pk.softmax_cdist(a, b, backend=cpu_backend), s, t, grad_c)
+    copied = []
+    real_contiguous = torch.Tensor.contiguous
+
+    def spy(self, *args, **kwargs):
+        if self.shape[-1] == 50 and not self.is_contiguous():
+            copied.append(tuple(self.shape))
+        return real_contiguous(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C, gs, gt = _cdist_grads(lambda a, b: pk.softmax_cdist(a, b, backend=cpu_backend), s, t, grad_c)
+    monkeypatch.undo()
+    assert not copied, copied
     rC, rgs, rgt = _oracle_cdist(s, t, "l1", 1.0, grad_c)
     _assert_c_close(C, rC, "strided C")
     _assert_close(gs, rgs, GRAD_REL[FP32], "strided student grad")
@@ -191,6 +207,19 @@ def test_softmax_cdist_teacher_without_grad(cpu_backend):
     ref.softmax_cdist(s2, t.double(), "sqeuclidean").sum().backward()
     _assert_close(s.grad, s2.grad, GRAD_REL[FP32], "student grad")
     assert t.grad is None
+
+
+@pytest.mark.parametrize("cost", COSTS)
+def test_sinkhorn_teacher_only_grad(cpu_backend, cost):
+    """Only the teacher requires grad (the student side of the backward is skipped)."""
+    pk = H.pk()
+    s, t, group_size, labels = _layout_inputs(((2, 5, 27), 5, 0.2), seed=160)
+    t1 = t.clone().requires_grad_(True)
+    pk.sinkhorn_loss(s, t1, cost=cost, group_size=group_size, labels=labels,
+                     backend=cpu_backend).backward()
+    t2 = t.double().requires_grad_(True)
+    ref.sinkhorn_loss(s.double(), t2, cost=cost, group_size=group_size, labels=labels).backward()
+    _assert_close(t1.grad, t2.grad, 2e-3, "teacher-only grad")
 
 
 def test_softmax_cdist_empty(cpu_backend):
@@ -519,7 +548,7 @@ def test_double_backward_raises(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("cost", COSTS)
 def test_softmax_cdist_gpu_vs_oracle(backend, cost, dtype):
     pk = H.pk()
@@ -539,12 +568,13 @@ def test_softmax_cdist_gpu_vs_oracle(backend, cost, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_sinkhorn_loss_gpu_vs_oracle(backend):
+@pytest.mark.parametrize("cost", COSTS)
+def test_sinkhorn_loss_gpu_vs_oracle(backend, cost):
     pk = H.pk()
     if backend not in pk.available_backends("cuda"):
         pytest.skip(f"{backend} not available on cuda")
     s, t, group_size, labels = _layout_inputs(((3, 8, 501), 8, 0.25), seed=140)
-    kw = dict(cost="l1", epsilon=0.1, n_iters=20, temperature=2.0, group_size=group_size)
+    kw = dict(cost=cost, epsilon=0.1, n_iters=20, temperature=2.0, group_size=group_size)
     loss, gs, gt = _loss_and_grads(
         lambda a, b: pk.sinkhorn_loss(a, b, labels=labels.cuda(), backend=backend, **kw),
         s.cuda(), t.cuda())
