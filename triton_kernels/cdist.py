@@ -127,15 +127,17 @@ def _cdist_fwd_kernel(
 @triton.jit
 def _cdist_bwd_kernel(
     w_ptr, x_ptr, y_ptr, lse_x_ptr, lse_y_ptr, dot_ptr, valid_ptr, g_ptr,
-    Gx, Gy, V, x_sb, x_sg, y_sb, y_sg, inv_t, tiles_i,
+    Gx, Gy, V, x_sb, x_sg, y_sb, y_sg, inv_t, tiles_i, tiles_v,
     COST: tl.constexpr, HAS_VALID: tl.constexpr,
     BI: tl.constexpr, BJ: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program (b * tiles_i + tile i, vocab block): dz_x for BI rows x BV columns."""
-    pid = tl.program_id(0)
-    b = (pid // tiles_i).to(tl.int64)
-    ri = (pid % tiles_i) * BI + tl.arange(0, BI).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
+    """Program ((b * tiles_i + tile i) * tiles_v + vocab block), a 1-D grid (axis 1 would cap
+    the vocabulary blocks at 65535): dz_x for BI rows x BV columns."""
+    pid = tl.program_id(0).to(tl.int64)
+    row_tile = pid // tiles_v
+    b = row_tile // tiles_i
+    ri = (row_tile % tiles_i) * BI + tl.arange(0, BI).to(tl.int64)
+    cols = (pid % tiles_v) * BV + tl.arange(0, BV)
     in_c = cols < V
     in_i, ok_i, lse_i = _tile_rows(lse_x_ptr, valid_ptr, b, ri, Gx, HAS_VALID)
     x = _probs_tile(x_ptr + b * x_sb, ri, ok_i, cols, in_c, x_sg, inv_t, lse_i)
@@ -234,12 +236,12 @@ def softmax_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid, cost: i
     if Gy == 0:
         return grad.zero_()
     BI, BJ, BV, num_warps, precision = _tiles(cost, x.device)
-    tiles_i = triton.cdiv(Gx, BI)
+    tiles_i, tiles_v = triton.cdiv(Gx, BI), triton.cdiv(V, BV)
     wrap = _wrap or _identity
     with _launch_guard(x.device):
-        wrap(_cdist_bwd_kernel)[(Bt * tiles_i, triton.cdiv(V, BV))](
+        wrap(_cdist_bwd_kernel)[(Bt * tiles_i * tiles_v,)](
             weight, x, y, lse_x, lse_y, dot_x, row_valid if row_valid is not None else lse_x, grad,
-            Gx, Gy, V, x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(inv_t), tiles_i,
+            Gx, Gy, V, x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(inv_t), tiles_i, tiles_v,
             COST=int(cost), HAS_VALID=row_valid is not None, BI=BI, BJ=BJ, BV=BV,
             DOT_PRECISION=precision, num_warps=num_warps)
     return grad
