@@ -83,9 +83,11 @@ def softmax_cdist(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
     cost="l1": sum_v |q_iv - p_jv| (SinKD's choice); G_s * G_t * V elementwise work on every
         backend (no matrix-multiply form, so no tensor cores), its backward the same again.
-    cost="sqeuclidean": sum_v (q_iv - p_jv)^2 = |q_i|^2 + |p_j|^2 - 2 q_i . p_j, clamped at 0; on
-        GPU (Triton) the q . p products and the backward's dC @ P are tile matrix products of
-        on-the-fly probabilities, which run on tensor cores (TF32x3, about fp32 accurate).
+    cost="sqeuclidean": sum_v (q_iv - p_jv)^2 = |q_i|^2 + |p_j|^2 - 2 q_i . p_j, clamped at 0;
+        the q . p products and the backward's dC @ P are matrix products of on-the-fly
+        probabilities: tile products on tensor cores with Triton on GPU (TF32x3, about fp32
+        accurate), BLAS on column slabs of probabilities on CPU; the portable CUDA kernel
+        computes it elementwise, like l1.
     Each row's log-sum-exp is computed once; no G x V probability tensor is built, forward or
     backward. Gradients flow to both logits (the l1 subgradient takes sign(0) = 0 at ties)."""
     return _sinkhorn.softmax_cdist(student_logits, teacher_logits, cost, temperature, backend)
