@@ -32,11 +32,6 @@ constexpr int64_t kTile = 16;     // rows of one side per task
 constexpr int64_t kVBlock = 1024;
 constexpr int64_t kVBlockBwd = 256;
 
-template <typename scalar_t>
-const scalar_t* cdist_row(const RowsView& view, int64_t G, int64_t r) {
-  return row_ptr<scalar_t>(view, G, r);
-}
-
 // log sum_v exp(z_v * inv_t) of one row: blocked online max, then the sum rescaled on max
 // updates. NaN anywhere gives NaN; an all -inf row gives -inf.
 template <typename scalar_t>
@@ -62,22 +57,23 @@ PK_FLATTEN float row_lse(const scalar_t* row, int64_t V, float inv_t, float* buf
   return math::lse_value(m, hsum(acc) + tail);
 }
 
-// dst[0:n] = softmax probabilities of a block of one row, or zeros for a masked row.
+inline bool row_is_valid(const bool* row_valid, int64_t r) { return row_valid == nullptr || row_valid[r]; }
+
+// dst[0:n] = softmax probabilities of row r (b * G + i) of a [Bt, G, V] view over the columns
+// [v0, v0 + n), or zeros for a masked row.
 template <typename scalar_t>
-PK_FLATTEN void block_probs(const scalar_t* src, int64_t n, float inv_t, float lse, bool valid,
-                            float* dst) {
-  if (!valid) {
+PK_FLATTEN void row_block_probs(const RowsView& view, int64_t G, int64_t r, int64_t v0, int64_t n,
+                                float inv_t, const float* lse, const bool* row_valid, float* dst) {
+  if (!row_is_valid(row_valid, r)) {
     std::fill(dst, dst + n, 0.f);
     return;
   }
-  load_block(src, n, inv_t, dst);
-  const Vec vl(lse);
+  load_block(row_ptr<scalar_t>(view, G, r) + v0, n, inv_t, dst);
+  const Vec vl(lse[r]);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) VecOps::exp(Vec::loadu(dst + i) - vl).store(dst + i);
-  for (; i < n; ++i) dst[i] = ::expf(dst[i] - lse);
+  for (; i < n; ++i) dst[i] = ::expf(dst[i] - lse[r]);
 }
-
-inline bool row_is_valid(const bool* row_valid, int64_t r) { return row_valid == nullptr || row_valid[r]; }
 
 template <typename scalar_t>
 void lse_rows(const RowsView& view, int64_t rows, int64_t G, int64_t V, float inv_t,
@@ -85,7 +81,7 @@ void lse_rows(const RowsView& view, int64_t rows, int64_t G, int64_t V, float in
   at::parallel_for(0, rows, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(kBlock);
     for (int64_t r = begin; r < end; ++r) {
-      lse[r] = row_is_valid(row_valid, r) ? row_lse(cdist_row<scalar_t>(view, G, r), V, inv_t, buf.data())
+      lse[r] = row_is_valid(row_valid, r) ? row_lse(row_ptr<scalar_t>(view, G, r), V, inv_t, buf.data())
                                           : INFINITY;
     }
   });
@@ -168,8 +164,7 @@ void prob_slab(const ProbSlabArgs& a) {
   at::parallel_for(0, a.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      block_probs(cdist_row<scalar_t>(a.x, a.G, r) + a.v0, a.n, a.inv_t, a.lse[r],
-                  row_is_valid(a.row_valid, r), a.out + r * a.n);
+      row_block_probs<scalar_t>(a.x, a.G, r, a.v0, a.n, a.inv_t, a.lse, a.row_valid, a.out + r * a.n);
     }
   });
 }
@@ -189,14 +184,12 @@ void cdist_forward(const CdistForwardArgs& a) {
       for (int64_t v0 = 0; v0 < V; v0 += kVBlock) {
         const int64_t n = std::min(kVBlock, V - v0);
         for (int64_t ii = 0; ii < ni; ++ii) {
-          const int64_t r = b * Gs + i0 + ii;
-          block_probs(cdist_row<scalar_t>(a.student, Gs, r) + v0, n, a.inv_t, a.lse_s[r],
-                      row_is_valid(a.row_valid, r), q.data() + ii * kVBlock);
+          row_block_probs<scalar_t>(a.student, Gs, b * Gs + i0 + ii, v0, n, a.inv_t, a.lse_s,
+                                    a.row_valid, q.data() + ii * kVBlock);
         }
         for (int64_t j = 0; j < Gt; ++j) {
-          const int64_t r = b * Gt + j;
-          block_probs(cdist_row<scalar_t>(a.teacher, Gt, r) + v0, n, a.inv_t, a.lse_t[r],
-                      row_is_valid(a.row_valid, r), p.data());
+          row_block_probs<scalar_t>(a.teacher, Gt, b * Gt + j, v0, n, a.inv_t, a.lse_t,
+                                    a.row_valid, p.data());
           for (int64_t ii = 0; ii < ni; ii += kRowBlock) {
             const int64_t nr = std::min(kRowBlock, ni - ii);
             float c[kRowBlock] = {}, am[kRowBlock] = {};
@@ -227,15 +220,13 @@ void cdist_backward(const CdistBackwardArgs& a) {
       for (int64_t v0 = 0; v0 < V; v0 += kVBlockBwd) {
         const int64_t n = std::min(kVBlockBwd, V - v0);
         for (int64_t ii = 0; ii < ni; ++ii) {
-          const int64_t r = b * Gx + i0 + ii;
-          block_probs(cdist_row<scalar_t>(a.x, Gx, r) + v0, n, a.inv_t, a.lse_x[r],
-                      row_is_valid(a.row_valid, r), x.data() + ii * kVBlockBwd);
+          row_block_probs<scalar_t>(a.x, Gx, b * Gx + i0 + ii, v0, n, a.inv_t, a.lse_x,
+                                    a.row_valid, x.data() + ii * kVBlockBwd);
         }
         std::fill(g.begin(), g.end(), 0.f);
         for (int64_t j = 0; j < Gy; ++j) {
-          const int64_t r = b * Gy + j;
-          block_probs(cdist_row<scalar_t>(a.y, Gy, r) + v0, n, a.inv_t, a.lse_y[r],
-                      row_is_valid(a.row_valid, r), y.data());
+          row_block_probs<scalar_t>(a.y, Gy, b * Gy + j, v0, n, a.inv_t, a.lse_y, a.row_valid,
+                                    y.data());
           for (int64_t ii = 0; ii < ni; ii += kRowBlock) {
             const int64_t nr = std::min(kRowBlock, ni - ii);
             float w[kRowBlock];
