@@ -4,7 +4,7 @@ cost matrix and its backward) is the registered softmax_cdist op; everything her
 
 from __future__ import annotations
 
-import numbers
+import math
 import warnings
 
 import torch
@@ -20,25 +20,6 @@ def cost_id(cost) -> int:
     if cost not in _COST_ID:
         raise ValueError(f"cost={cost!r} is not one of {COSTS}")
     return _COST_ID[cost]
-
-
-def _cdist_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    _validate.logits("student_logits", student)
-    _validate.logits("teacher_logits", teacher)
-    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if x.dim() < 2:
-            raise ValueError(f"{name} must have shape [..., G, V], got {tuple(x.shape)}")
-    if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(f"student_logits and teacher_logits differ in vocab sizes: "
-                         f"{tuple(student.shape)} vs {tuple(teacher.shape)}")
-    if student.shape[:-2] != teacher.shape[:-2]:
-        raise ValueError(f"student_logits and teacher_logits differ in batch dims (no "
-                         f"broadcasting): {tuple(student.shape)} vs {tuple(teacher.shape)}")
-    if student.device != teacher.device:
-        raise ValueError(f"student_logits is on {student.device} but teacher_logits is on {teacher.device}")
-    if student.dtype != teacher.dtype:
-        raise TypeError(f"student_logits ({student.dtype}) and teacher_logits ({teacher.dtype}) "
-                        "must have the same dtype")
 
 
 def _as_batches(x: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
@@ -59,15 +40,13 @@ def _as_batches(x: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
 
 def softmax_cdist(student_logits, teacher_logits, cost="l1", temperature=1.0, backend="auto",
                   row_valid=None) -> torch.Tensor:
-    _cdist_pair(student_logits, teacher_logits)
+    _validate.logit_pair(student_logits, teacher_logits, rows_may_differ=True)
     cost = cost_id(cost)
     temperature = _validate.temperature(temperature)
     backend = _backend.resolve_backend(_validate.backend(backend), student_logits)
     batch = student_logits.shape[:-2]
     gs, gt, V = student_logits.shape[-2], teacher_logits.shape[-2], student_logits.shape[-1]
-    n = 1
-    for d in batch:
-        n *= d
+    n = math.prod(batch)
     s3 = _as_batches(student_logits, n, gs)
     t3 = _as_batches(teacher_logits, n, gt)
     C = _registry.softmax_cdist_3d(backend, s3, t3, row_valid, cost, 1.0 / temperature)
@@ -95,29 +74,12 @@ def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor, epsilon: float, n_iters:
     return log_k
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _positive_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0 and value < float("inf")):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return value
-
-
 def sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters, temperature,
                   group_size, labels, ignore_index, envelope, backend) -> torch.Tensor:
     _validate.logit_pair(student_logits, teacher_logits)
     cost_id(cost)
-    epsilon = _positive_real("epsilon", epsilon)
-    n_iters = _positive_int("n_iters", n_iters)
+    epsilon = _validate.positive_real("epsilon", epsilon)
+    n_iters = _validate.positive_int("n_iters", n_iters)
     lead = student_logits.shape[:-1]
     _validate.labels(labels, lead, student_logits.device)
     ignore_index = _validate.ignore_index(ignore_index)
@@ -127,7 +89,7 @@ def sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters, temper
     if group_size is None:
         group_size = max(rows, 1)
     else:
-        group_size = _positive_int("group_size", group_size)
+        group_size = _validate.positive_int("group_size", group_size)
         if rows % group_size:
             raise ValueError(f"group_size={group_size} does not divide the {rows} rows of the logits "
                              f"(leading shape {tuple(lead)})")

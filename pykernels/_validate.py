@@ -23,10 +23,22 @@ def logits(name: str, x) -> None:
         raise ValueError(f"{name} has an empty vocabulary dimension (shape {tuple(x.shape)})")
 
 
-def logit_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+def logit_pair(student: torch.Tensor, teacher: torch.Tensor, rows_may_differ: bool = False) -> None:
+    """Same device, dtype and shape [..., V]; with rows_may_differ, shapes [..., G, V] whose
+    row counts G may differ (a cost matrix between the two sets of rows)."""
     logits("student_logits", student)
     logits("teacher_logits", teacher)
-    if student.shape != teacher.shape:
+    if rows_may_differ:
+        for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+            if x.dim() < 2:
+                raise ValueError(f"{name} must have shape [..., G, V], got {tuple(x.shape)}")
+        if student.shape[-1] != teacher.shape[-1]:
+            raise ValueError(f"student_logits and teacher_logits differ in vocab sizes: "
+                             f"{tuple(student.shape)} vs {tuple(teacher.shape)}")
+        if student.shape[:-2] != teacher.shape[:-2]:
+            raise ValueError(f"student_logits and teacher_logits differ in batch dims (no "
+                             f"broadcasting): {tuple(student.shape)} vs {tuple(teacher.shape)}")
+    elif student.shape != teacher.shape:
         what = "vocab sizes" if student.shape[-1] != teacher.shape[-1] else "shapes"
         raise ValueError(
             f"student_logits and teacher_logits differ in {what}: "
@@ -43,13 +55,25 @@ def logit_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
         )
 
 
-def temperature(value) -> float:
+def positive_real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"temperature must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {value}")
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def temperature(value) -> float:
+    return positive_real("temperature", value)
 
 
 def unit_interval(name: str, value) -> float:

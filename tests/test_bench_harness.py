@@ -16,8 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-harness = pytest.importorskip("benchmarks.harness")
-bench_ops = pytest.importorskip("benchmarks.ops")
+import benchmarks.harness as harness  # noqa: E402  (a broken harness must fail, not skip)
+import benchmarks.ops as bench_ops  # noqa: E402
 
 HAS_EXT = "cpu" in __import__("pykernels").available_backends("cpu")
 
@@ -62,7 +62,6 @@ def _args(tmp_path, *extra):
 
 @pytest.mark.skipif(not HAS_EXT, reason="C++ extension not built")
 def test_sweep_writes_results_table_and_plots(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     out = harness.main(_args(tmp_path, "--mode", "both", "--provider", "eager", "pykernels-*", "compile"))
     meta, results = out["meta"], out["results"]
     for key in ("device", "torch", "date", "commit"):
