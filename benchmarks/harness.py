@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import functools
 import gc
 import importlib.util
 import json
@@ -375,6 +376,7 @@ def add_cpu_memory(results: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- output
+@functools.lru_cache(maxsize=None)  # asked again for every checkpoint
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -393,6 +395,7 @@ def device_dir_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_")
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
