@@ -77,7 +77,10 @@ def _extensions():
 
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that runs its range serially in a
+    # translation unit compiled without OpenMP, so without it every CPU kernel used one thread.
+    # The libgomp.so.1 torch ships is already loaded when _C is, and satisfies ours.
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     macros = []
     if _is_x86_64():
         macros.append(("PYKERNELS_HAVE_AVX_KERNELS", None))
@@ -87,6 +90,7 @@ def _extensions():
         include_dirs=[str(CSRC)],
         define_macros=macros,
         py_limited_api=False,
+        extra_link_args=["-fopenmp"],
     )
     if _want_cuda(cpp_extension):
         kwargs["sources"] += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
@@ -95,6 +99,7 @@ def _extensions():
             "-O3",
             "-std=c++20",
             "--expt-relaxed-constexpr",
+            "-Xcompiler=-fopenmp",
             "-lineinfo",
             # A portable build for any sm_80+ GPU plus Hopper-specific code for the H100/H200.
             "-gencode=arch=compute_80,code=sm_80",
@@ -134,7 +139,7 @@ def _build_ext_class():
             includes += [f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}"]
             abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
             base = [cxx, "-c", "-fPIC", "-O3", "-std=c++20", "-fvisibility=hidden",
-                    f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DPYKERNELS_HAVE_AVX_KERNELS"]
+                    "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DPYKERNELS_HAVE_AVX_KERNELS"]
             jobs = [(src, isa, flags) for src in sorted((CSRC / "cpu").glob("*_kernel.cpp"))
                     for isa, flags in ISA_BUILDS.items()]
 

@@ -6,11 +6,27 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// A module with no methods: everything is reached through torch.ops.pykernels.
+#include "cpu/divergence_kernel.h"
+#include "cpu/isa.h"
+
+namespace pykernels::cpu {
+namespace {
+// _C.parallel_threads(): threads the CPU kernels' at::parallel_for runs on (build check).
+PyObject* parallel_threads(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(PK_ISA_PICK(parallel_threads_probe)());
+}
+PyMethodDef methods[] = {
+    {"parallel_threads", parallel_threads, METH_NOARGS,
+     "Threads the CPU kernels' parallel loops run on in this process."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+}  // namespace pykernels::cpu
+
+// Ops are reached through torch.ops.pykernels; the module itself only holds the build check.
 // (PyMODINIT_FUNC keeps the symbol visible under -fvisibility=hidden.)
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pykernels C++ ops", -1,
-                                          nullptr};
+                                          pykernels::cpu::methods};
   return PyModule_Create(&module_def);
 }
 

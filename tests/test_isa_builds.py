@@ -68,3 +68,19 @@ def test_each_isa_build_matches_oracle(cap):
             atol = (1e-4 if fp32 else 2e-2) * scale
             torch.testing.assert_close(gs, want_gs, rtol=0, atol=atol, msg=what)
             torch.testing.assert_close(gt, want_gt, rtol=0, atol=atol, msg=what)
+
+
+@pytest.mark.skipif("cpu" not in H.cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("cap", ["DEFAULT", "AVX2", "AVX512"])
+def test_each_isa_build_runs_rows_in_parallel(cap):
+    # at::parallel_for is inlined into our sources: a build without OpenMP silently runs every
+    # CPU kernel on one thread (it did, until setup.py passed -fopenmp).
+    if not _supported(cap):
+        pytest.skip(f"this CPU cannot run the {cap} build")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
+    script = ("import torch, pykernels._C as C; torch.set_num_threads(3); "
+              "print(C.parallel_threads())")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) == 3

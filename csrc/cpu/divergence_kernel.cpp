@@ -505,6 +505,18 @@ struct BackwardFn {
 }  // namespace
 
 void divergence_forward_kernel(const DivForwardArgs& args) { dispatch_dtype<ForwardFn>(args); }
+
+// How many threads at::parallel_for runs on in this build of the kernels: 1 whatever
+// torch.get_num_threads() says when the file was compiled without OpenMP (a build-flag
+// regression the tests check).
+int64_t parallel_threads_probe() {
+  std::vector<char> seen(std::max(at::get_num_threads(), 1), 0);
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int>(seen.size())) seen[id] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), char{1});
+}
 void divergence_backward_kernel(const DivBackwardArgs& args) {
   dispatch_dtype<BackwardFn>(args);
 }

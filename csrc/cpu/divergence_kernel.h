@@ -50,6 +50,7 @@ struct DivBackwardArgs {
   namespace ISA {                                                 \
   void divergence_forward_kernel(const DivForwardArgs& args);     \
   void divergence_backward_kernel(const DivBackwardArgs& args);   \
+  int64_t parallel_threads_probe();                               \
   }
 
 PK_DECLARE_CPU_KERNELS(DEFAULT)
