@@ -550,7 +550,9 @@ def main(argv=None) -> dict:
     files = write_results(results, meta, out_dir, stem)
     if not args.no_plots:
         files += plot_results(results, meta, out_dir, stem)
-    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}  commit {meta['commit']}")
+    isa = f"  {meta['cpu_capability']}, {meta['threads']} threads" if meta["device_type"] == "cpu" else ""
+    print(f"\n{meta['device']}{isa}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}  "
+          f"commit {meta['commit']}")
     for note in notes:
         print(f"note: {note}")
     print(format_table(results))
