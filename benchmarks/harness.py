@@ -11,8 +11,8 @@ PyTorch written as users write it (benchmarks/ops.py), torch.compile of that eag
 Liger-Kernel where it is installed and has the op (its losses take log-probabilities or
 probabilities, so the timed region includes the log_softmax / softmax the caller must do).
 
-Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after a
-warm-up call; on GPU triton.testing.do_bench. Bandwidth: the minimal-bytes model of DESIGN.md
+Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after half a
+second of warm-up calls (at least one); on GPU triton.testing.do_bench. Bandwidth: the minimal-bytes model of DESIGN.md
 (every logit tensor read once, the student gradient written once) over the median time, and
 its ratio to a plain copy of the same number of bytes timed in the same run. Memory beyond the
 inputs and the returned gradient: on GPU torch.cuda.max_memory_allocated; on CPU one child
@@ -142,8 +142,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, max_reps: int = 20):
-    """(median, q20, q80) in ms, and the number of timed calls."""
+def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, max_reps: int = 20,
+              warmup_seconds: float = 0.5, max_warmup: int = 20):
+    """(median, q20, q80) in ms, and the number of timed calls. On CPU the warm-up repeats the
+    call for warmup_seconds (at least once, at most max_warmup times): on VMs that hand freed
+    memory back to the host (free page reporting), the first calls that touch fresh memory
+    pay the host's page faults, several times a steady call's cost for a large gradient."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
@@ -151,7 +155,12 @@ def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, ma
             return _time_cuda_events(call, min_reps, max_reps)
         q20, q50, q80 = do_bench(call, quantiles=[0.2, 0.5, 0.8], warmup=10, rep=50)
         return (q50, q20, q80), None
+    warm_start = time.perf_counter()
     call()  # warm-up (and compilation)
+    for _ in range(max_warmup - 1):
+        if time.perf_counter() - warm_start >= warmup_seconds:
+            break
+        call()
     times = []
     start = time.perf_counter()
     while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
