@@ -11,7 +11,7 @@ PyTorch written as users write it (benchmarks/ops.py), torch.compile of that eag
 Liger-Kernel where it is installed and has the op (its losses take log-probabilities or
 probabilities, so the timed region includes the log_softmax / softmax the caller must do).
 
-Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after half a
+Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after a
 second of warm-up calls (at least one); on GPU triton.testing.do_bench. Bandwidth: the minimal-bytes model of DESIGN.md
 (every logit tensor read once, the student gradient written once) over the median time, and
 its ratio to a plain copy of the same number of bytes timed in the same run. Memory beyond the
@@ -143,11 +143,12 @@ def _sync(device):
 
 
 def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, max_reps: int = 20,
-              warmup_seconds: float = 0.5, max_warmup: int = 20):
-    """(median, q20, q80) in ms, and the number of timed calls. On CPU the warm-up repeats the
-    call for warmup_seconds (at least once, at most max_warmup times): on VMs that hand freed
-    memory back to the host (free page reporting), the first calls that touch fresh memory
-    pay the host's page faults, several times a steady call's cost for a large gradient."""
+              warmup_seconds: float = 1.0, max_warmup: int = 30):
+    """(median, q20, q80) in ms, and the number of timed calls. On CPU the call is repeated for
+    warmup_seconds first (at most max_warmup times; once if that call alone takes half of it):
+    on VMs that hand freed memory back to the host (free page reporting), the calls of about
+    the first second that touch fresh memory pay the host's page faults, several times a
+    steady call's cost for a large gradient."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
@@ -157,10 +158,11 @@ def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, ma
         return (q50, q20, q80), None
     warm_start = time.perf_counter()
     call()  # warm-up (and compilation)
-    for _ in range(max_warmup - 1):
-        if time.perf_counter() - warm_start >= warmup_seconds:
-            break
-        call()
+    if time.perf_counter() - warm_start < warmup_seconds / 2:
+        for _ in range(max_warmup - 1):
+            if time.perf_counter() - warm_start >= warmup_seconds:
+                break
+            call()
     times = []
     start = time.perf_counter()
     while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
