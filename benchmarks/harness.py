@@ -11,8 +11,8 @@ PyTorch written as users write it (benchmarks/ops.py), torch.compile of that eag
 Liger-Kernel where it is installed and has the op (its losses take log-probabilities or
 probabilities, so the timed region includes the log_softmax / softmax the caller must do).
 
-Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after a
-second of warm-up calls (at least one); on GPU triton.testing.do_bench. Bandwidth: the minimal-bytes model of DESIGN.md
+Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after two
+seconds of warm-up calls (at least one); on GPU triton.testing.do_bench. Bandwidth: the minimal-bytes model of DESIGN.md
 (every logit tensor read once, the student gradient written once) over the median time, and
 its ratio to a plain copy of the same number of bytes timed in the same run. Memory beyond the
 inputs and the returned gradient: on GPU torch.cuda.max_memory_allocated; on CPU one child
@@ -143,12 +143,12 @@ def _sync(device):
 
 
 def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, max_reps: int = 20,
-              warmup_seconds: float = 1.0, max_warmup: int = 30):
+              warmup_seconds: float = 2.0, max_warmup: int = 40):
     """(median, q20, q80) in ms, and the number of timed calls. On CPU the call is repeated for
     warmup_seconds first (at most max_warmup times; once if that call alone takes half of it):
-    on VMs that hand freed memory back to the host (free page reporting), the calls of about
-    the first second that touch fresh memory pay the host's page faults, several times a
-    steady call's cost for a large gradient."""
+    on VMs that hand freed memory back to the host (free page reporting, as on the development
+    VM), calls that touch memory freed more than ~2 s earlier pay the host's page faults, for
+    about the first 1.5 s of a 65 MB gradient's calls up to 5x a steady call."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
