@@ -45,16 +45,22 @@ def _supported(cap: str) -> bool:
                                            else "DEFAULT")
 
 
-@pytest.mark.skipif("cpu" not in H.cpu_backends(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("cap", ["DEFAULT", "AVX2", "AVX512"])
-def test_each_isa_build_matches_oracle(cap):
+def _last_line_under(cap: str, script: str, *args: str) -> str:
+    """The last stdout line of `python -c script args` run with the CPU kernels forced to the
+    `cap` build (skips where this CPU cannot run it)."""
     if not _supported(cap):
         pytest.skip(f"this CPU cannot run the {cap} build")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif("cpu" not in H.cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("cap", ["DEFAULT", "AVX2", "AVX512"])
+def test_each_isa_build_matches_oracle(cap):
+    results = json.loads(_last_line_under(cap, _SCRIPT, json.dumps(CASES)))
     for (kind, params) in CASES:
         for dtype in ("torch.float32", "torch.bfloat16"):
             loss, gs, gt, s, t = (torch.tensor(x, dtype=torch.float64)
@@ -75,12 +81,6 @@ def test_each_isa_build_matches_oracle(cap):
 def test_each_isa_build_runs_rows_in_parallel(cap):
     # at::parallel_for is inlined into our sources: a build without OpenMP silently runs every
     # CPU kernel on one thread (it did, until setup.py passed -fopenmp).
-    if not _supported(cap):
-        pytest.skip(f"this CPU cannot run the {cap} build")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
     script = ("import torch, pykernels._C as C; torch.set_num_threads(3); "
               "print(C.parallel_threads())")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.strip().splitlines()[-1]) == 3
+    assert int(_last_line_under(cap, script)) == 3
