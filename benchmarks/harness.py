@@ -144,11 +144,13 @@ def _sync(device):
 
 def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, max_reps: int = 20,
               warmup_seconds: float = 2.0, max_warmup: int = 40):
-    """(median, q20, q80) in ms, and the number of timed calls. On CPU the call is repeated for
-    warmup_seconds first (at most max_warmup times; once if that call alone takes half of it):
-    on VMs that hand freed memory back to the host (free page reporting, as on the development
-    VM), calls that touch memory freed more than ~2 s earlier pay the host's page faults, for
-    about the first 1.5 s of a 65 MB gradient's calls up to 5x a steady call."""
+    """(median, q20, q80) in ms, and the number of timed calls. On CPU a first call sets up
+    (torch.compile compiles in it, so its time says nothing of a steady call); then the call is
+    repeated for warmup_seconds (at most max_warmup times; once if that call alone takes half of
+    it): on VMs that hand freed memory back to the host (free page reporting, as on the
+    development VM), calls that touch memory freed more than ~2 s earlier pay the host's page
+    faults, for about the first 1.3 s of calls up to 5x a steady call; a torch.compile'd
+    function's first calls after compiling pay it too."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
@@ -156,13 +158,14 @@ def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, ma
             return _time_cuda_events(call, min_reps, max_reps)
         q20, q50, q80 = do_bench(call, quantiles=[0.2, 0.5, 0.8], warmup=10, rep=50)
         return (q50, q20, q80), None
+    call()  # set-up
     warm_start = time.perf_counter()
-    call()  # warm-up (and compilation)
-    if time.perf_counter() - warm_start < warmup_seconds / 2:
-        for _ in range(max_warmup - 1):
-            if time.perf_counter() - warm_start >= warmup_seconds:
-                break
-            call()
+    for _ in range(max_warmup):
+        t0 = time.perf_counter()
+        call()
+        now = time.perf_counter()
+        if now - warm_start >= warmup_seconds or now - t0 >= warmup_seconds / 2:
+            break
     times = []
     start = time.perf_counter()
     while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):

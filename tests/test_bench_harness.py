@@ -95,6 +95,42 @@ def test_sweep_writes_results_table_and_plots(tmp_path, capsys):
     assert "forward_kl" in printed and "eager ms" in printed
 
 
+class _FakeClock:
+    """Stands in for the harness's `time` module: calls advance a virtual clock by the
+    durations scripted for them, so warm-up rules are tested exactly and at once."""
+
+    def __init__(self, durations, steady):
+        self.now, self.durations, self.steady, self.calls = 0.0, list(durations), steady, 0
+
+    def perf_counter(self):
+        return self.now
+
+    def call(self):
+        self.now += self.durations.pop(0) if self.durations else self.steady
+        self.calls += 1
+
+
+def test_cpu_warmup_starts_after_the_setup_call(monkeypatch):
+    """A torch.compile'd function: 4 s to compile, then 1.3 s of calls at 190 ms before the
+    steady 88 ms (as seen on the development VM). The compilation call must not stand for
+    the warm-up, else the cold calls are what gets timed."""
+    clock = _FakeClock([4.0] + [0.19] * 7, steady=0.088)
+    monkeypatch.setattr(harness, "time", clock)
+    (med, q20, q80), reps = harness.time_call(clock.call, "cpu")
+    assert med == pytest.approx(88.0) and q80 == pytest.approx(88.0), (med, q80)
+    assert reps >= 3
+
+
+def test_cpu_warmup_of_slow_calls_is_one_call(monkeypatch):
+    """Calls of half the warm-up time or more: a set-up call and one warm-up call, then the
+    timed ones (min_reps of them, as min_seconds is already spent)."""
+    clock = _FakeClock([3.0, 2.5], steady=1.5)
+    monkeypatch.setattr(harness, "time", clock)
+    (med, _, _), reps = harness.time_call(clock.call, "cpu")
+    assert med == pytest.approx(1500.0) and reps == 3
+    assert clock.calls == 2 + 3
+
+
 def test_failing_provider_is_reported_and_sweep_goes_on(tmp_path, monkeypatch, capsys):
     real = harness.provider_fn
 
