@@ -53,25 +53,54 @@ def softmax_cdist(student_logits, teacher_logits, cost="l1", temperature=1.0, ba
     return C.reshape(*batch, gs, gt)
 
 
-def _masked_line_lse(log_k: torch.Tensor, line_valid: torch.Tensor, dim: int) -> torch.Tensor:
-    """logsumexp of log_k along `dim` (keepdim) for the valid lines, 0 for lines that are
-    entirely masked (an all -inf logsumexp would put NaN into the gradient)."""
-    keep = line_valid.unsqueeze(dim)
-    return torch.logsumexp(torch.where(keep, log_k, torch.zeros_like(log_k)), dim=dim, keepdim=True)
+def _normalize_lines(log_k: torch.Tensor, line_valid: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """log_k minus its logsumexp along `dim`: every valid line sums to 1 in the linear domain.
+    An entirely masked line (all -inf) is left as it is, not turned into NaN by -inf - -inf."""
+    lse = torch.logsumexp(log_k, dim=dim, keepdim=True)
+    if line_valid is not None:
+        lse = torch.where(line_valid.unsqueeze(dim), lse, 0.0)
+    return log_k - lse
 
 
-def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+class _SinkhornIterations(torch.autograd.Function):
+    """The log-domain iterations with their backward written out: for L' = L - lse_d(L),
+    dL = dL' - exp(L') * sum_d dL' (exp(L') is softmax_d(L); 0 on masked entries, so masked
+    lines pass their gradient through, which is 0 there). Autograd of the plain loop records
+    about five ops per half-step and differentiates each; this saves one G x G tensor per
+    half-step and runs three ops on it, the cost that matters next to the cost matrix at
+    small V."""
+
+    @staticmethod
+    def forward(ctx, log_k, valid, n_iters):
+        steps = []
+        for _ in range(n_iters):
+            log_k = _normalize_lines(log_k, valid, 2)  # rows
+            steps.append(log_k)
+            log_k = _normalize_lines(log_k, valid, 1)  # columns
+            steps.append(log_k)
+        ctx.save_for_backward(*steps)
+        return log_k
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        steps = ctx.saved_tensors
+        for k in range(len(steps) - 1, -1, -1):
+            dim = 2 if k % 2 == 0 else 1
+            grad = torch.addcmul(grad, steps[k].exp(), grad.sum(dim=dim, keepdim=True), value=-1.0)
+        return grad, None, None
+
+
+def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor | None, epsilon: float, n_iters: int) -> torch.Tensor:
     """log of the plan of SinKD's iterations for costs C [ng, g, g] with rows/columns flagged
-    by valid [ng, g]: K = exp(-C / eps), then n_iters times every row divided by its sum and
-    every column by its sum, in the log domain (no underflow for small eps). Masked rows and
-    columns hold -inf (they take no mass)."""
-    pair = valid[:, :, None] & valid[:, None, :]
-    neg_inf = torch.full_like(C, float("-inf"))
-    log_k = torch.where(pair, -C / epsilon, neg_inf)
-    for _ in range(n_iters):
-        log_k = torch.where(pair, log_k - _masked_line_lse(log_k, valid, 2), neg_inf)
-        log_k = torch.where(pair, log_k - _masked_line_lse(log_k, valid, 1), neg_inf)
-    return log_k
+    by valid [ng, g] (None: all valid): K = exp(-C / eps), then n_iters times every row divided
+    by its sum and every column by its sum, in the log domain (no underflow for small eps).
+    Masked rows and columns hold -inf (they take no mass)."""
+    log_k = -C / epsilon
+    if valid is not None:
+        pair = valid[:, :, None] & valid[:, None, :]
+        log_k = torch.where(pair, log_k, float("-inf"))
+    return _SinkhornIterations.apply(log_k, valid, n_iters)
 
 
 def sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters, temperature,
@@ -100,16 +129,17 @@ def sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters, temper
     s3 = _as_batches(student_logits, groups, group_size)
     t3 = _as_batches(teacher_logits, groups, group_size)
     C = softmax_cdist(s3, t3, cost=cost, temperature=temperature, backend=backend, row_valid=row_valid)
-    if row_valid is None:
-        valid = torch.ones((groups, group_size), dtype=torch.bool, device=C.device)
-    else:
-        valid = row_valid.view(groups, group_size)
+    valid = None if row_valid is None else row_valid.view(groups, group_size)
     if envelope:  # the plan at convergence is a constant: dLoss/dC = plan
         with torch.no_grad():
             log_plan = sinkhorn_plan(C.detach(), valid, epsilon, n_iters)
     else:
         log_plan = sinkhorn_plan(C, valid, epsilon, n_iters)
-    pair = valid[:, :, None] & valid[:, None, :]
-    transport = torch.where(pair, log_plan.exp() * C, torch.zeros_like(C)).sum(dim=(1, 2))
+    transport = log_plan.exp() * C
+    if valid is not None:  # masked pairs: 0, whatever C holds there
+        transport = torch.where(valid[:, :, None] & valid[:, None, :], transport, 0.0)
+    transport = transport.sum(dim=(1, 2))
+    if valid is None:
+        return transport.sum() / groups
     nonempty = valid.any(dim=1)
     return transport.sum() / nonempty.sum().clamp_min(1).to(transport.dtype)

@@ -247,6 +247,22 @@ def test_gradcheck_softmax_cdist_float64():
             (s, t), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
+def test_gradcheck_sinkhorn_iterations_float64(masked):
+    """The hand-written backward of the log-domain iterations against float64 finite
+    differences of the plan, with and without masked rows / columns (one group fully
+    masked, one with a single valid row)."""
+    from pykernels._sinkhorn import sinkhorn_plan
+
+    g = torch.Generator().manual_seed(23)
+    C = torch.rand(3, 4, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    valid = torch.tensor([[True, False, True, True], [False] * 4, [False, False, True, False]])
+    valid = valid if masked else None
+    for n_iters in (1, 4):
+        assert torch.autograd.gradcheck(lambda c: sinkhorn_plan(c, valid, 0.3, n_iters).exp(), (C,),
+                                        eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def _central_differences(f, x, eps=1e-6):
     grad = torch.zeros_like(x)
     flat, gflat = x.view(-1), grad.view(-1)
@@ -420,6 +436,23 @@ def test_sinkhorn_all_rows_ignored_and_empty(cpu_backend):
     assert loss.item() == 0.0
     loss.backward()
     assert e_s.grad.shape == (0, 11)
+
+
+@pytest.mark.parametrize("cost", COSTS)
+def test_sinkhorn_whole_group_ignored_vs_oracle(cpu_backend, cost):
+    """Groups with every row ignored take no part in the mean and pass no gradient; a group
+    with one valid row transports all its mass to itself (loss C_ii); the others as usual."""
+    pk = H.pk()
+    s = H.make_logits((4, 3, 19), FP32, seed=85)
+    t = H.make_logits((4, 3, 19), FP32, seed=86)
+    labels = torch.tensor([[1, 2, 3], [-100, -100, -100], [-100, 4, -100], [5, -100, 6]])
+    kw = dict(cost=cost, epsilon=0.1, n_iters=20, temperature=2.0, group_size=3, labels=labels)
+    loss, gs, gt = _loss_and_grads(lambda a, b: pk.sinkhorn_loss(a, b, backend=cpu_backend, **kw), s, t)
+    rl, rgs, rgt = _oracle_sinkhorn(s, t, **kw)
+    assert abs(loss.item() - rl.item()) <= 2e-4 * abs(rl.item()) + 1e-6, (loss.item(), rl.item())
+    _assert_close(gs, rgs, 2e-3, "student grad")
+    _assert_close(gt, rgt, 2e-3, "teacher grad")
+    assert (gs[1] == 0).all() and (gt[1] == 0).all()
 
 
 @pytest.mark.parametrize("cost", COSTS)
