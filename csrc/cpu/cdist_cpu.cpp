@@ -26,9 +26,10 @@ int64_t slab_columns(int64_t rows, int64_t V) {
   return std::min(V, std::max<int64_t>(64, n / 64 * 64));
 }
 
-// [rows, n] fp32 probabilities of x's rows over the columns [v0, v0 + n).
+// [rows, n] fp32 probabilities of x's rows over the columns [v0, v0 + n); each row's sum of
+// p^2 over them is added to sq_norm when it is given.
 at::Tensor prob_slab(const at::Tensor& x, const bool* valid, const at::Tensor& lse, float inv_t,
-                     int64_t v0, int64_t n) {
+                     int64_t v0, int64_t n, at::Tensor* sq_norm = nullptr) {
   at::Tensor out = at::empty({x.size(0), x.size(1), n}, x.options().dtype(at::kFloat));
   ProbSlabArgs args{};
   args.dtype = x.scalar_type();
@@ -39,6 +40,7 @@ at::Tensor prob_slab(const at::Tensor& x, const bool* valid, const at::Tensor& l
   args.inv_t = inv_t;
   args.v0 = v0, args.n = n;
   args.out = out.mutable_data_ptr<float>();
+  args.sq_norm = sq_norm ? sq_norm->mutable_data_ptr<float>() : nullptr;
   PK_ISA_PICK(prob_slab_kernel)(args);
   return out;
 }
@@ -56,32 +58,40 @@ void sqeuclidean_forward(const at::Tensor& student, const at::Tensor& teacher, c
   at::Tensor np = at::zeros({teacher.size(0), teacher.size(1)}, C.options());
   for (int64_t v0 = 0; v0 < V; v0 += step) {
     const int64_t n = std::min(step, V - v0);
-    const at::Tensor q = prob_slab(student, valid, lse_s, inv_t, v0, n);
-    const at::Tensor p = prob_slab(teacher, valid, lse_t, inv_t, v0, n);
+    const at::Tensor q = prob_slab(student, valid, lse_s, inv_t, v0, n, &nq);
+    const at::Tensor p = prob_slab(teacher, valid, lse_t, inv_t, v0, n, &np);
     dots.baddbmm_(q, p.transpose(1, 2));
-    nq.add_(q.square().sum(-1));
-    np.add_(p.square().sum(-1));
   }
   // rounding can take the difference below 0; clamp_min keeps NaN
   at::clamp_min_out(C, nq.unsqueeze(2) + np.unsqueeze(1) - 2 * dots, 0);
   at::mul_out(A, nq.unsqueeze(2) - dots, 2);
 }
 
-// dz_x = inv_t x (2 (x sum_j W_ij - W @ Y) - dot_x), slab by slab.
+// dz_x = inv_t x (2 (x sum_j W_ij - W @ Y) - dot_x), slab by slab: one matrix product per slab
+// of y's probabilities, then one kernel pass that recomputes x's and writes the gradient.
 void sqeuclidean_backward(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& y,
                           const bool* valid, const at::Tensor& lse_x, const at::Tensor& lse_y,
                           const at::Tensor& dot_x, float inv_t, at::Tensor& grad) {
   const int64_t V = x.size(2);
-  const int64_t step = slab_columns(x.size(0) * (2 * x.size(1) + y.size(1)), V);
-  const at::Tensor w_total = weight.sum(-1, /*keepdim=*/true);
-  const at::Tensor dot = dot_x.view({x.size(0), x.size(1), 1});
+  const int64_t step = slab_columns(x.size(0) * (x.size(1) + y.size(1)), V);
+  const at::Tensor w_total = weight.sum(-1).contiguous();
+  const at::Tensor dot = dot_x.contiguous();
+  SqEuclideanGradArgs args{};
+  args.dtype = x.scalar_type();
+  args.rows = x.size(0) * x.size(1), args.G = x.size(1), args.V = V;
+  args.x = rows_view(x);
+  args.row_valid = valid;
+  args.lse = lse_x.const_data_ptr<float>();
+  args.w_total = w_total.const_data_ptr<float>();
+  args.dot = dot.const_data_ptr<float>();
+  args.inv_t = inv_t;
+  args.grad = grad.mutable_data_ptr();
   for (int64_t v0 = 0; v0 < V; v0 += step) {
     const int64_t n = std::min(step, V - v0);
-    const at::Tensor xs = prob_slab(x, valid, lse_x, inv_t, v0, n);
-    const at::Tensor ys = prob_slab(y, valid, lse_y, inv_t, v0, n);
-    at::Tensor g = at::bmm(weight, ys);  // sum_j W_ij y_j
-    g.mul_(-2).add_(xs * w_total, 2).sub_(dot).mul_(xs).mul_(inv_t);
-    grad.narrow(2, v0, n).copy_(g);
+    const at::Tensor wy = at::bmm(weight, prob_slab(y, valid, lse_y, inv_t, v0, n));  // sum_j W_ij y_j
+    args.wy = wy.const_data_ptr<float>();
+    args.v0 = v0, args.n = n;
+    PK_ISA_PICK(sqeuclidean_grad_kernel)(args);
   }
 }
 
@@ -120,10 +130,8 @@ at::Tensor softmax_cdist_backward_cpu(const at::Tensor& weight, const at::Tensor
   at::Tensor grad = empty_grad(x, true);
   if (x.numel() == 0) return grad;
   if (cost == math::kCostSqEuclidean) {
-    // a masked row of x has x = 0, so its gradient is 0 unless the weights hold NaN / inf
     sqeuclidean_backward(weight, x, y, valid_ptr(row_valid), lse_x, lse_y, dot_x,
                          static_cast<float>(inv_temperature), grad);
-    if (row_valid) grad.masked_fill_(row_valid->logical_not().view({x.size(0), x.size(1), 1}), 0);
     return grad;
   }
   CdistBackwardArgs args{};

@@ -164,7 +164,48 @@ void prob_slab(const ProbSlabArgs& a) {
   at::parallel_for(0, a.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      row_block_probs<scalar_t>(a.x, a.G, r, a.v0, a.n, a.inv_t, a.lse, a.row_valid, a.out + r * a.n);
+      float* p = a.out + r * a.n;
+      row_block_probs<scalar_t>(a.x, a.G, r, a.v0, a.n, a.inv_t, a.lse, a.row_valid, p);
+      if (a.sq_norm == nullptr) continue;
+      Vec acc(0.f);  // while the row is in L1: saves a pass and a temporary per slab
+      float tail = 0.f;
+      int64_t k = 0;
+      for (; k + kLanes <= a.n; k += kLanes) {
+        const Vec pv = Vec::loadu(p + k);
+        acc = at::vec::fmadd(pv, pv, acc);
+      }
+      for (; k < a.n; ++k) tail += p[k] * p[k];
+      a.sq_norm[r] += hsum(acc) + tail;
+    }
+  });
+}
+
+template <typename scalar_t>
+void sqeuclidean_grad(const SqEuclideanGradArgs& a) {
+  scalar_t* grad = static_cast<scalar_t*>(a.grad);
+  at::parallel_for(0, a.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(kBlock);
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* out = grad + r * a.V + a.v0;
+      if (!row_is_valid(a.row_valid, r)) {  // no gradient, whatever W holds (NaN included)
+        std::fill(out, out + a.n, scalar_t(0));
+        continue;
+      }
+      const Vec vt(a.inv_t), vw(a.w_total[r]), vdot(a.dot[r]), two(2.f);
+      for (int64_t c0 = 0; c0 < a.n; c0 += kBlock) {
+        const int64_t m = std::min(kBlock, a.n - c0);
+        float* p = buf.data();
+        const float* wy = a.wy + r * a.n + c0;
+        row_block_probs<scalar_t>(a.x, a.G, r, a.v0 + c0, m, a.inv_t, a.lse, a.row_valid, p);
+        int64_t k = 0;
+        for (; k + kLanes <= m; k += kLanes) {
+          const Vec pv = Vec::loadu(p + k);
+          (vt * pv * (two * (pv * vw - Vec::loadu(wy + k)) - vdot)).store(p + k);
+        }
+        for (; k < m; ++k) p[k] = a.inv_t * p[k] * (2.f * (p[k] * a.w_total[r] - wy[k]) - a.dot[r]);
+        store_block(p, out + c0, m);
+      }
     }
   });
 }
@@ -256,8 +297,8 @@ void cdist_backward(const CdistBackwardArgs& a) {
   });
 }
 
-// The elementwise kernels serve l1; the squared distance goes through prob_slab + BLAS
-// (cdist_cpu.cpp).
+// The elementwise kernels serve l1; the squared distance goes through prob_slab + BLAS +
+// sqeuclidean_grad (cdist_cpu.cpp).
 template <typename scalar_t>
 struct ForwardFn {
   static void run(const CdistForwardArgs& a) {
@@ -284,11 +325,17 @@ struct SlabFn {
   static void run(const ProbSlabArgs& a) { prob_slab<scalar_t>(a); }
 };
 
+template <typename scalar_t>
+struct SqGradFn {
+  static void run(const SqEuclideanGradArgs& a) { sqeuclidean_grad<scalar_t>(a); }
+};
+
 }  // namespace
 
 void softmax_cdist_forward_kernel(const CdistForwardArgs& args) { dispatch_dtype<ForwardFn>(args); }
 void softmax_cdist_lse_kernel(const CdistForwardArgs& args) { dispatch_dtype<LseFn>(args); }
 void prob_slab_kernel(const ProbSlabArgs& args) { dispatch_dtype<SlabFn>(args); }
+void sqeuclidean_grad_kernel(const SqEuclideanGradArgs& args) { dispatch_dtype<SqGradFn>(args); }
 void softmax_cdist_backward_kernel(const CdistBackwardArgs& args) { dispatch_dtype<BackwardFn>(args); }
 
 }  // namespace CPU_CAPABILITY

@@ -50,7 +50,25 @@ struct ProbSlabArgs {
   const float* lse;  // [rows]
   float inv_t;
   int64_t v0, n;
-  float* out;  // [rows, n]
+  float* out;      // [rows, n]
+  float* sq_norm;  // [rows] or nullptr: each row's sum of p^2 over the slab is added to it
+};
+
+// The squared distance's gradient over the columns [v0, v0 + n) of x's rows, written into
+// grad: inv_t p (2 (p w_total - wy) - dot) with p the softmax of the row (recomputed from the
+// logits, not read from a slab) and wy the slab of W @ Y; zeros on masked rows.
+struct SqEuclideanGradArgs {
+  c10::ScalarType dtype;
+  int64_t rows, G, V;
+  RowsView x;
+  const bool* row_valid;
+  const float* lse;      // [rows]
+  const float* w_total;  // [rows]: sum_j W_ij
+  const float* dot;      // [rows]
+  const float* wy;       // [rows, n]
+  float inv_t;
+  int64_t v0, n;
+  void* grad;  // [rows, V] contiguous, x's dtype
 };
 
 #define PK_DECLARE_CDIST_KERNELS(ISA)                          \
@@ -59,6 +77,7 @@ struct ProbSlabArgs {
   void softmax_cdist_lse_kernel(const CdistForwardArgs&);      \
   void softmax_cdist_backward_kernel(const CdistBackwardArgs&); \
   void prob_slab_kernel(const ProbSlabArgs&);                  \
+  void sqeuclidean_grad_kernel(const SqEuclideanGradArgs&);    \
   }
 
 PK_DECLARE_CDIST_KERNELS(DEFAULT)
