@@ -69,6 +69,15 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "softmax_cdist_backward(Tensor weight, Tensor x, Tensor y, Tensor lse_x, Tensor lse_y, "
       "Tensor dot_x, Tensor? row_valid, int cost, float inv_temperature) -> Tensor");
+  // Log-domain Sinkhorn iterations on log_k [groups, g, g] fp32 (-C / eps, -inf on masked
+  // pairs): n_iters times every row, then every column, minus its logsumexp; lines flagged
+  // false in valid ([groups, g] bool) are left as they are. Returns (log plan, steps): steps
+  // [2 n_iters, groups, g, g] holds every half-step's result when save_steps, else is empty.
+  m.def(
+      "sinkhorn_iterations_forward(Tensor log_k, Tensor? valid, int n_iters, bool save_steps) "
+      "-> (Tensor, Tensor)");
+  // d/d(log_k) from d/d(log plan) and the forward's steps.
+  m.def("sinkhorn_iterations_backward(Tensor grad_plan, Tensor steps) -> Tensor");
   // Gradients of sum_r grad_row[r] * row_loss[r]; an output not asked for is an empty tensor.
   m.def(
       "divergence_backward(Tensor grad_row, Tensor student, Tensor teacher, Tensor? row_valid, "

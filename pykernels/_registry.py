@@ -274,10 +274,44 @@ _PAIRS["cdist"] = (_fake_cdist_forward, _fake_cdist_backward, _cdist_autograd_ba
                   _setup_cdist_context)
 
 
+# sinkhorn_iterations_forward(log_k, valid, n_iters, save_steps) -> (log plan, steps);
+# sinkhorn_iterations_backward(grad_plan, steps) -> d/d(log_k). The steps are saved when the
+# input needs a gradient (autograd decides before the op runs: see sinkhorn_iterations).
+def _fake_sinkhorn_forward(log_k, valid, n_iters, save_steps):
+    steps = log_k.new_empty((2 * n_iters if save_steps else 0, *log_k.shape))
+    return torch.empty_like(log_k, memory_format=torch.contiguous_format), steps
+
+
+def _fake_sinkhorn_backward(grad_plan, steps):
+    return torch.empty_like(grad_plan, memory_format=torch.contiguous_format)
+
+
+def _setup_sinkhorn_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _sinkhorn_autograd_backward(backward_op):
+    def backward(ctx, grad_plan, _unused):
+        if grad_plan is None:
+            return (None,) * 4
+        (steps,) = ctx.saved_tensors
+        return backward_op(grad_plan, steps), None, None, None
+
+    return backward
+
+
+_PAIRS["sinkhorn"] = (_fake_sinkhorn_forward, _fake_sinkhorn_backward, _sinkhorn_autograd_backward,
+                      _setup_sinkhorn_context)
+
+
 if _backend.EXTENSION_ERROR is None:
     _register_op_pair("divergence", "divergence_forward", "divergence_backward", fake=True)
     _register_op_pair("logprob", "token_logprob_forward", "token_logprob_backward", fake=True)
     _register_op_pair("cdist", "softmax_cdist_forward", "softmax_cdist_backward", fake=True)
+    _register_op_pair("sinkhorn", "sinkhorn_iterations_forward", "sinkhorn_iterations_backward",
+                      fake=True)
     torch.library.register_fake("pykernels::divergence_forward_with_grad")(_fake_forward_with_grad)
     torch.library.register_autograd("pykernels::divergence_forward_with_grad", _fused_backward,
                                     setup_context=_setup_fused_context)
@@ -441,3 +475,13 @@ def softmax_cdist_3d(backend: str, student, teacher, row_valid, cost: int, inv_t
     op = (torch.ops.pykernels.triton_softmax_cdist_forward if backend == "triton"
           else torch.ops.pykernels.softmax_cdist_forward)
     return op(student, teacher, row_valid, cost, inv_temperature)[0]
+
+
+def sinkhorn_iterations(backend: str, log_k, valid, n_iters: int):
+    """The log-domain Sinkhorn iterations on log_k [groups, g, g] (fp32), differentiable: the
+    cpu backend's fused kernel; the other backends run the torch loop (G x G work: no GPU
+    kernel of ours yet)."""
+    if backend == "cpu":
+        save_steps = torch.is_grad_enabled() and log_k.requires_grad
+        return torch.ops.pykernels.sinkhorn_iterations_forward(log_k, valid, n_iters, save_steps)[0]
+    return _torch_backend.sinkhorn_iterations(log_k, valid, n_iters)

@@ -53,45 +53,8 @@ def softmax_cdist(student_logits, teacher_logits, cost="l1", temperature=1.0, ba
     return C.reshape(*batch, gs, gt)
 
 
-def _normalize_lines(log_k: torch.Tensor, line_valid: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """log_k minus its logsumexp along `dim`: every valid line sums to 1 in the linear domain.
-    An entirely masked line (all -inf) is left as it is, not turned into NaN by -inf - -inf."""
-    lse = torch.logsumexp(log_k, dim=dim, keepdim=True)
-    if line_valid is not None:
-        lse = torch.where(line_valid.unsqueeze(dim), lse, 0.0)
-    return log_k - lse
-
-
-class _SinkhornIterations(torch.autograd.Function):
-    """The log-domain iterations with their backward written out: for L' = L - lse_d(L),
-    dL = dL' - exp(L') * sum_d dL' (exp(L') is softmax_d(L); 0 on masked entries, so masked
-    lines pass their gradient through, which is 0 there). Autograd of the plain loop records
-    about five ops per half-step and differentiates each; this saves one G x G tensor per
-    half-step and runs three ops on it, the cost that matters next to the cost matrix at
-    small V."""
-
-    @staticmethod
-    def forward(ctx, log_k, valid, n_iters):
-        steps = []
-        for _ in range(n_iters):
-            log_k = _normalize_lines(log_k, valid, 2)  # rows
-            steps.append(log_k)
-            log_k = _normalize_lines(log_k, valid, 1)  # columns
-            steps.append(log_k)
-        ctx.save_for_backward(*steps)
-        return log_k
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        steps = ctx.saved_tensors
-        for k in range(len(steps) - 1, -1, -1):
-            dim = 2 if k % 2 == 0 else 1
-            grad = torch.addcmul(grad, steps[k].exp(), grad.sum(dim=dim, keepdim=True), value=-1.0)
-        return grad, None, None
-
-
-def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor | None, epsilon: float, n_iters: int) -> torch.Tensor:
+def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor | None, epsilon: float, n_iters: int,
+                  backend: str) -> torch.Tensor:
     """log of the plan of SinKD's iterations for costs C [ng, g, g] with rows/columns flagged
     by valid [ng, g] (None: all valid): K = exp(-C / eps), then n_iters times every row divided
     by its sum and every column by its sum, in the log domain (no underflow for small eps).
@@ -100,7 +63,7 @@ def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor | None, epsilon: float, n
     if valid is not None:
         pair = valid[:, :, None] & valid[:, None, :]
         log_k = torch.where(pair, log_k, float("-inf"))
-    return _SinkhornIterations.apply(log_k, valid, n_iters)
+    return _registry.sinkhorn_iterations(backend, log_k, valid, n_iters)
 
 
 def sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters, temperature,
@@ -128,13 +91,14 @@ def sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters, temper
     row_valid = row_valid_mask(labels, ignore_index)
     s3 = _as_batches(student_logits, groups, group_size)
     t3 = _as_batches(teacher_logits, groups, group_size)
+    backend = _backend.resolve_backend(_validate.backend(backend), student_logits)
     C = softmax_cdist(s3, t3, cost=cost, temperature=temperature, backend=backend, row_valid=row_valid)
     valid = None if row_valid is None else row_valid.view(groups, group_size)
     if envelope:  # the plan at convergence is a constant: dLoss/dC = plan
         with torch.no_grad():
-            log_plan = sinkhorn_plan(C.detach(), valid, epsilon, n_iters)
+            log_plan = sinkhorn_plan(C.detach(), valid, epsilon, n_iters, backend)
     else:
-        log_plan = sinkhorn_plan(C, valid, epsilon, n_iters)
+        log_plan = sinkhorn_plan(C, valid, epsilon, n_iters, backend)
     transport = log_plan.exp() * C
     if valid is not None:  # masked pairs: 0, whatever C holds there
         transport = torch.where(valid[:, :, None] & valid[:, None, :], transport, 0.0)

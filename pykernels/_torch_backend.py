@@ -118,3 +118,45 @@ def softmax_cdist(student: torch.Tensor, teacher: torch.Tensor, row_valid: torch
     # |q|^2 + |p|^2 - 2 q.p: matmul-shaped, as the kernels compute it on GPU
     sq = q.square().sum(-1)[..., :, None] + p.square().sum(-1)[..., None, :] - 2.0 * (q @ p.transpose(-1, -2))
     return sq.clamp_min(0.0)
+
+
+def _normalize_lines(log_k: torch.Tensor, line_valid: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """log_k minus its logsumexp along `dim`: every valid line sums to 1 in the linear domain.
+    An entirely masked line (all -inf) is left as it is, not turned into NaN by -inf - -inf."""
+    lse = torch.logsumexp(log_k, dim=dim, keepdim=True)
+    if line_valid is not None:
+        lse = torch.where(line_valid.unsqueeze(dim), lse, 0.0)
+    return log_k - lse
+
+
+class _SinkhornIterations(torch.autograd.Function):
+    """The log-domain iterations with their backward written out: for L' = L - lse_d(L),
+    dL = dL' - exp(L') * sum_d dL' (exp(L') is softmax_d(L); 0 on masked entries, so masked
+    lines pass their gradient through, which is 0 there). Autograd of the plain loop records
+    about five ops per half-step and differentiates each; this saves one G x G tensor per
+    half-step and runs three ops on it, the cost that matters next to the cost matrix at
+    small V. The cpu backend's kernel (csrc/cpu/sinkhorn_kernel.cpp) runs the same loops."""
+
+    @staticmethod
+    def forward(ctx, log_k, valid, n_iters):
+        steps = []
+        for _ in range(n_iters):
+            log_k = _normalize_lines(log_k, valid, 2)  # rows
+            steps.append(log_k)
+            log_k = _normalize_lines(log_k, valid, 1)  # columns
+            steps.append(log_k)
+        ctx.save_for_backward(*steps)
+        return log_k
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        steps = ctx.saved_tensors
+        for k in range(len(steps) - 1, -1, -1):
+            dim = 2 if k % 2 == 0 else 1
+            grad = torch.addcmul(grad, steps[k].exp(), grad.sum(dim=dim, keepdim=True), value=-1.0)
+        return grad, None, None
+
+
+def sinkhorn_iterations(log_k: torch.Tensor, valid: torch.Tensor | None, n_iters: int) -> torch.Tensor:
+    return _SinkhornIterations.apply(log_k, valid, n_iters)

@@ -1,6 +1,6 @@
 """The CPU kernels are compiled once per instruction set (DEFAULT, AVX2, AVX-512) and picked at
 run time; only the one this CPU prefers runs in the rest of the suite. Here each build is
-forced with ATEN_CPU_CAPABILITY in a subprocess and checked against the float64 oracle."""
+forced with ATEN_CPU_CAPABILITY in a subprocess and checked against the float64 oracles."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import torch
 
 import helpers as H
 import reference as ref
+import reference_sinkhorn as ref_sk
 
 CASES = [("forward_kl", {}), ("jsd", {"beta": 0.3}), ("skew_reverse_kl", {"alpha": 0.1}),
          ("tvd", {}), ("hellinger", {})]
@@ -74,6 +75,48 @@ def test_each_isa_build_matches_oracle(cap):
             atol = (1e-4 if fp32 else 2e-2) * scale
             torch.testing.assert_close(gs, want_gs, rtol=0, atol=atol, msg=what)
             torch.testing.assert_close(gt, want_gt, rtol=0, atol=atol, msg=what)
+
+
+_SINKHORN_SCRIPT = textwrap.dedent("""
+    import json, torch
+    import pykernels as pk
+    torch.manual_seed(1)
+    # 2 groups of 19 rows (not a multiple of any vector width), V = 301, some rows ignored
+    s = (3 * torch.randn(2, 19, 301)).requires_grad_()
+    t = (3 * torch.randn(2, 19, 301)).requires_grad_()
+    labels = torch.randint(0, 301, (2, 19))
+    labels[0, 3:7] = -100
+    out = {"s": s.tolist(), "t": t.tolist(), "labels": labels.tolist()}
+    for cost in ("l1", "sqeuclidean"):
+        loss = pk.sinkhorn_loss(s, t, cost=cost, epsilon=0.1, n_iters=20, temperature=2.0,
+                                group_size=19, labels=labels, backend="cpu")
+        gs, gt = torch.autograd.grad(loss, (s, t))
+        out[cost] = [loss.item(), gs.tolist(), gt.tolist()]
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif("cpu" not in H.cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("cap", ["DEFAULT", "AVX2", "AVX512"])
+def test_each_isa_build_sinkhorn_matches_oracle(cap):
+    """The cdist kernels (l1 elementwise; squared distance: slabs, norms, gradient pass) and
+    the fused Sinkhorn iterations of each build, through sinkhorn_loss."""
+    results = json.loads(_last_line_under(cap, _SINKHORN_SCRIPT))
+    s, t = (torch.tensor(results[k], dtype=torch.float64).requires_grad_() for k in ("s", "t"))
+    labels = torch.tensor(results["labels"])
+    for cost in ("l1", "sqeuclidean"):
+        want = ref_sk.sinkhorn_loss(s, t, cost=cost, epsilon=0.1, n_iters=20, temperature=2.0,
+                                    group_size=19, labels=labels)
+        want_gs, want_gt = torch.autograd.grad(want, (s, t))
+        loss, gs, gt = results[cost]
+        what = f"{cap} sinkhorn {cost}"
+        assert loss == pytest.approx(want.item(), rel=2e-4), what
+        scale = max(want_gs.abs().max().item(), want_gt.abs().max().item())
+        torch.testing.assert_close(torch.tensor(gs, dtype=torch.float64), want_gs, rtol=0,
+                                   atol=2e-3 * scale, msg=what)
+        torch.testing.assert_close(torch.tensor(gt, dtype=torch.float64), want_gt, rtol=0,
+                                   atol=2e-3 * scale, msg=what)
+        assert (torch.tensor(gs)[0, 3:7] == 0).all(), what
 
 
 @pytest.mark.skipif("cpu" not in H.cpu_backends(), reason="the C++ extension is not built")

@@ -249,9 +249,9 @@ def test_gradcheck_softmax_cdist_float64():
 
 @pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
 def test_gradcheck_sinkhorn_iterations_float64(masked):
-    """The hand-written backward of the log-domain iterations against float64 finite
-    differences of the plan, with and without masked rows / columns (one group fully
-    masked, one with a single valid row)."""
+    """The torch backend's hand-written backward of the log-domain iterations against float64
+    finite differences of the plan, with and without masked rows / columns (one group fully
+    masked, one with a single valid row). The cpu kernel is fp32: checked below."""
     from pykernels._sinkhorn import sinkhorn_plan
 
     g = torch.Generator().manual_seed(23)
@@ -259,8 +259,38 @@ def test_gradcheck_sinkhorn_iterations_float64(masked):
     valid = torch.tensor([[True, False, True, True], [False] * 4, [False, False, True, False]])
     valid = valid if masked else None
     for n_iters in (1, 4):
-        assert torch.autograd.gradcheck(lambda c: sinkhorn_plan(c, valid, 0.3, n_iters).exp(), (C,),
+        assert torch.autograd.gradcheck(lambda c: sinkhorn_plan(c, valid, 0.3, n_iters, "torch").exp(), (C,),
                                         eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
+@pytest.mark.parametrize("g", [1, 5, 19])
+def test_cpu_sinkhorn_iterations_kernel_vs_float64(masked, g):
+    """The cpu backend's fused iterations (fp32) against the torch loop in float64: plan and
+    d/dC, on sizes around the vector width, with masked lines and a fully masked group."""
+    if "cpu" not in H.cpu_backends():
+        pytest.skip("C++ extension not built")
+    from pykernels._sinkhorn import sinkhorn_plan
+
+    gen = torch.Generator().manual_seed(24 + g)
+    C = 3 * torch.rand(3, g, g, generator=gen)
+    weight = torch.randn(3, g, g, generator=gen)
+    valid = None
+    if masked:
+        valid = torch.rand(3, g, generator=gen) > 0.3
+        valid[1] = False
+        valid[2, 0] = True
+    for eps, n_iters in ((0.05, 20), (1.0, 3)):
+        out = {}
+        for backend, dtype in (("cpu", FP32), ("torch", torch.float64)):
+            c = C.to(dtype).detach().requires_grad_(True)
+            plan = sinkhorn_plan(c, valid, eps, n_iters, backend).exp()
+            (plan * weight.to(dtype)).sum().backward()
+            out[backend] = (plan.detach(), c.grad)
+        _assert_close(out["cpu"][0], out["torch"][0], 1e-4, "plan")
+        _assert_close(out["cpu"][1], out["torch"][1], 1e-3, "dC")
+        if masked:
+            assert (out["cpu"][0][1] == 0).all() and (out["cpu"][1][1] == 0).all()
 
 
 def _central_differences(f, x, eps=1e-6):
@@ -521,6 +551,21 @@ def _op_args(cost, with_mask, dtype=FP32):
     t = H.make_logits((2, 5, 19), dtype, seed=101)
     mask = torch.tensor([True, False, True, True, True] * 2) if with_mask else None
     return s.requires_grad_(True), t.requires_grad_(True), mask, cost, 0.8
+
+
+@pytest.mark.skipif("cpu" not in H.cpu_backends(), reason="C++ extension not built")
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_opcheck_cpu_sinkhorn_iterations(with_mask):
+    log_k = (-3 * torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(102))).requires_grad_(True)
+    valid = None
+    if with_mask:
+        valid = torch.tensor([[True, False, True, True, True, True], [True] * 6])
+        pair = valid[:, :, None] & valid[:, None, :]
+        log_k = torch.where(pair, log_k.detach(), float("-inf")).requires_grad_(True)
+    torch.library.opcheck(torch.ops.pykernels.sinkhorn_iterations_forward, (log_k, valid, 3, True))
+    torch.library.opcheck(torch.ops.pykernels.sinkhorn_iterations_forward, (log_k.detach(), valid, 3, False))
+    steps = torch.ops.pykernels.sinkhorn_iterations_forward(log_k.detach(), valid, 3, True)[1]
+    torch.library.opcheck(torch.ops.pykernels.sinkhorn_iterations_backward, (torch.randn(2, 6, 6), steps))
 
 
 @pytest.mark.skipif("cpu" not in H.cpu_backends(), reason="C++ extension not built")
