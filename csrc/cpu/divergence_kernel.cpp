@@ -506,6 +506,10 @@ struct BackwardFn {
 
 void divergence_forward_kernel(const DivForwardArgs& args) { dispatch_dtype<ForwardFn>(args); }
 
+void divergence_backward_kernel(const DivBackwardArgs& args) {
+  dispatch_dtype<BackwardFn>(args);
+}
+
 // How many threads at::parallel_for runs on in this build of the kernels: 1 whatever
 // torch.get_num_threads() says when the file was compiled without OpenMP (a build-flag
 // regression the tests check).
@@ -516,9 +520,6 @@ int64_t parallel_threads_probe() {
     if (id >= 0 && id < static_cast<int>(seen.size())) seen[id] = 1;
   });
   return std::count(seen.begin(), seen.end(), char{1});
-}
-void divergence_backward_kernel(const DivBackwardArgs& args) {
-  dispatch_dtype<BackwardFn>(args);
 }
 
 }  // namespace CPU_CAPABILITY
