@@ -151,7 +151,7 @@ def _fused_backward(ctx, grad_row, *_unused):
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "pykernels: double backward (differentiating a gradient) is not supported by the "
-        "divergence kernels; use backend='torch' if you need higher-order gradients"
+        "fused kernels; use backend='torch' if you need higher-order gradients"
     )
 
 
@@ -478,10 +478,10 @@ def softmax_cdist_3d(backend: str, student, teacher, row_valid, cost: int, inv_t
 
 
 def sinkhorn_iterations(backend: str, log_k, valid, n_iters: int):
-    """The log-domain Sinkhorn iterations on log_k [groups, g, g] (fp32), differentiable: the
-    cpu backend's fused kernel; the other backends run the torch loop (G x G work: no GPU
-    kernel of ours yet)."""
+    """The log-domain Sinkhorn iterations on log_k [groups, g, g], differentiable: the cpu
+    backend's fused kernel (fp32); the GPU backends run the torch loop with its backward
+    written out (G x G work: no GPU kernel of ours yet); the torch backend, plain autograd."""
     if backend == "cpu":
         save_steps = torch.is_grad_enabled() and log_k.requires_grad
         return torch.ops.pykernels.sinkhorn_iterations_forward(log_k, valid, n_iters, save_steps)[0]
-    return _torch_backend.sinkhorn_iterations(log_k, valid, n_iters)
+    return _torch_backend.sinkhorn_iterations(log_k, valid, n_iters, higher_order=backend == "torch")

@@ -122,11 +122,25 @@ def softmax_cdist(student: torch.Tensor, teacher: torch.Tensor, row_valid: torch
 
 def _normalize_lines(log_k: torch.Tensor, line_valid: torch.Tensor | None, dim: int) -> torch.Tensor:
     """log_k minus its logsumexp along `dim`: every valid line sums to 1 in the linear domain.
-    An entirely masked line (all -inf) is left as it is, not turned into NaN by -inf - -inf."""
-    lse = torch.logsumexp(log_k, dim=dim, keepdim=True)
-    if line_valid is not None:
-        lse = torch.where(line_valid.unsqueeze(dim), lse, 0.0)
-    return log_k - lse
+    An entirely masked line (all -inf) is left as it is; its logsumexp is taken over zeros
+    instead, as the logsumexp of an all -inf line would give -inf - -inf = NaN, in the value
+    and in autograd's gradient."""
+    if line_valid is None:
+        return log_k - torch.logsumexp(log_k, dim=dim, keepdim=True)
+    keep = line_valid.unsqueeze(dim)
+    lse = torch.logsumexp(torch.where(keep, log_k, 0.0), dim=dim, keepdim=True)
+    return log_k - torch.where(keep, lse, 0.0)
+
+
+def _sinkhorn_loop(log_k: torch.Tensor, valid: torch.Tensor | None, n_iters: int,
+                   steps: list | None = None) -> torch.Tensor:
+    """n_iters times: rows, then columns, normalised; each half-step's result appended to steps."""
+    for _ in range(n_iters):
+        for dim in (2, 1):  # rows, then columns
+            log_k = _normalize_lines(log_k, valid, dim)
+            if steps is not None:
+                steps.append(log_k)
+    return log_k
 
 
 class _SinkhornIterations(torch.autograd.Function):
@@ -140,11 +154,7 @@ class _SinkhornIterations(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_k, valid, n_iters):
         steps = []
-        for _ in range(n_iters):
-            log_k = _normalize_lines(log_k, valid, 2)  # rows
-            steps.append(log_k)
-            log_k = _normalize_lines(log_k, valid, 1)  # columns
-            steps.append(log_k)
+        log_k = _sinkhorn_loop(log_k, valid, n_iters, steps)
         ctx.save_for_backward(*steps)
         return log_k
 
@@ -158,5 +168,10 @@ class _SinkhornIterations(torch.autograd.Function):
         return grad, None, None
 
 
-def sinkhorn_iterations(log_k: torch.Tensor, valid: torch.Tensor | None, n_iters: int) -> torch.Tensor:
+def sinkhorn_iterations(log_k: torch.Tensor, valid: torch.Tensor | None, n_iters: int,
+                        higher_order: bool) -> torch.Tensor:
+    """higher_order: autograd through the plain loop (the torch backend, which promises
+    gradients of any order); else the Function above (first-order gradients, fewer ops)."""
+    if higher_order:
+        return _sinkhorn_loop(log_k, valid, n_iters)
     return _SinkhornIterations.apply(log_k, valid, n_iters)

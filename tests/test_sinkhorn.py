@@ -247,20 +247,40 @@ def test_gradcheck_softmax_cdist_float64():
             (s, t), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("higher_order", [True, False], ids=["autograd_loop", "written_backward"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
-def test_gradcheck_sinkhorn_iterations_float64(masked):
-    """The torch backend's hand-written backward of the log-domain iterations against float64
-    finite differences of the plan, with and without masked rows / columns (one group fully
-    masked, one with a single valid row). The cpu kernel is fp32: checked below."""
-    from pykernels._sinkhorn import sinkhorn_plan
+def test_gradcheck_sinkhorn_iterations_float64(masked, higher_order):
+    """Both torch forms of the log-domain iterations (plain autograd: the torch backend; the
+    hand-written backward: the GPU backends) against float64 finite differences of the plan,
+    with and without masked rows / columns (one group fully masked, one with a single valid
+    row). The cpu kernel is fp32: checked below."""
+    from pykernels._torch_backend import sinkhorn_iterations
 
     g = torch.Generator().manual_seed(23)
     C = torch.rand(3, 4, 4, generator=g, dtype=torch.float64).requires_grad_(True)
     valid = torch.tensor([[True, False, True, True], [False] * 4, [False, False, True, False]])
     valid = valid if masked else None
+
+    def plan(c, n_iters):
+        log_k = -c / 0.3
+        if valid is not None:
+            log_k = torch.where(valid[:, :, None] & valid[:, None, :], log_k, float("-inf"))
+        return sinkhorn_iterations(log_k, valid, n_iters, higher_order).exp()
+
     for n_iters in (1, 4):
-        assert torch.autograd.gradcheck(lambda c: sinkhorn_plan(c, valid, 0.3, n_iters, "torch").exp(), (C,),
-                                        eps=1e-6, atol=1e-7, rtol=1e-5)
+        assert torch.autograd.gradcheck(lambda c: plan(c, n_iters), (C,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_torch_backend_sinkhorn_second_order():
+    """The torch backend promises gradients of any order: gradgradcheck of the loss in float64."""
+    pk = H.pk()
+    g = torch.Generator().manual_seed(25)
+    s = torch.randn(4, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(4, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    for cost in COSTS:
+        assert torch.autograd.gradgradcheck(
+            lambda a, b: pk.sinkhorn_loss(a, b, cost=cost, n_iters=3, epsilon=0.5, backend="torch"),
+            (s, t), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
