@@ -11,8 +11,9 @@ PyTorch written as users write it (benchmarks/ops.py), torch.compile of that eag
 Liger-Kernel where it is installed and has the op (its losses take log-probabilities or
 probabilities, so the timed region includes the log_softmax / softmax the caller must do).
 
-Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after two
-seconds of warm-up calls (at least one); on GPU triton.testing.do_bench. Bandwidth: the minimal-bytes model of DESIGN.md
+Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after a
+set-up call (where torch.compile compiles) and two seconds of warm-up calls (at least one);
+on GPU triton.testing.do_bench. Bandwidth: the minimal-bytes model of DESIGN.md
 (every logit tensor read once, the student gradient written once) over the median time, and
 its ratio to a plain copy of the same number of bytes timed in the same run. Memory beyond the
 inputs and the returned gradient: on GPU torch.cuda.max_memory_allocated; on CPU one child

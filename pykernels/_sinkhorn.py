@@ -53,6 +53,11 @@ def softmax_cdist(student_logits, teacher_logits, cost="l1", temperature=1.0, ba
     return C.reshape(*batch, gs, gt)
 
 
+def _pair_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[ng, g, g]: both the row and the column of the pair are valid."""
+    return valid[:, :, None] & valid[:, None, :]
+
+
 def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor | None, epsilon: float, n_iters: int,
                   backend: str) -> torch.Tensor:
     """log of the plan of SinKD's iterations for costs C [ng, g, g] with rows/columns flagged
@@ -61,8 +66,7 @@ def sinkhorn_plan(C: torch.Tensor, valid: torch.Tensor | None, epsilon: float, n
     Masked rows and columns hold -inf (they take no mass)."""
     log_k = -C / epsilon
     if valid is not None:
-        pair = valid[:, :, None] & valid[:, None, :]
-        log_k = torch.where(pair, log_k, float("-inf"))
+        log_k = torch.where(_pair_mask(valid), log_k, float("-inf"))
     return _registry.sinkhorn_iterations(backend, log_k, valid, n_iters)
 
 
@@ -101,7 +105,7 @@ def sinkhorn_loss(student_logits, teacher_logits, cost, epsilon, n_iters, temper
         log_plan = sinkhorn_plan(C, valid, epsilon, n_iters, backend)
     transport = log_plan.exp() * C
     if valid is not None:  # masked pairs: 0, whatever C holds there
-        transport = torch.where(valid[:, :, None] & valid[:, None, :], transport, 0.0)
+        transport = torch.where(_pair_mask(valid), transport, 0.0)
     transport = transport.sum(dim=(1, 2))
     if valid is None:
         return transport.sum() / groups

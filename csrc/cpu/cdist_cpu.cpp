@@ -74,8 +74,7 @@ void sqeuclidean_backward(const at::Tensor& weight, const at::Tensor& x, const a
                           const at::Tensor& dot_x, float inv_t, at::Tensor& grad) {
   const int64_t V = x.size(2);
   const int64_t step = slab_columns(x.size(0) * (x.size(1) + y.size(1)), V);
-  const at::Tensor w_total = weight.sum(-1).contiguous();
-  const at::Tensor dot = dot_x.contiguous();
+  const at::Tensor w_total = weight.sum(-1);  // [Bt, Gx], contiguous
   SqEuclideanGradArgs args{};
   args.dtype = x.scalar_type();
   args.rows = x.size(0) * x.size(1), args.G = x.size(1), args.V = V;
@@ -83,7 +82,7 @@ void sqeuclidean_backward(const at::Tensor& weight, const at::Tensor& x, const a
   args.row_valid = valid;
   args.lse = lse_x.const_data_ptr<float>();
   args.w_total = w_total.const_data_ptr<float>();
-  args.dot = dot.const_data_ptr<float>();
+  args.dot = dot_x.const_data_ptr<float>();  // contiguous: check_cdist_backward
   args.inv_t = inv_t;
   args.grad = grad.mutable_data_ptr();
   for (int64_t v0 = 0; v0 < V; v0 += step) {

@@ -3,7 +3,7 @@
 //   columns: L_ij -= lse_i L_ij    (likewise a masked column)
 // Backward of one half-step L' = L - lse_d(L): dL = dL' - exp(L') * sum_d dL' (exp(L') is the
 // softmax along d; 0 on masked entries, so no mask is needed). The torch twin of these loops
-// is _SinkhornIterations in pykernels/_sinkhorn.py: the other backends run it.
+// is in pykernels/_torch_backend.py: the other backends run it.
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
 #endif
@@ -22,8 +22,6 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-inline float line_shift(float m, float s) { return m + std::log(s); }
-
 // Each row of L [g, g] minus its logsumexp (rows flagged false in valid are left as they are).
 PK_FLATTEN void normalize_rows(float* L, int64_t g, const bool* valid) {
   for (int64_t i = 0; i < g; ++i) {
@@ -36,7 +34,7 @@ PK_FLATTEN void normalize_rows(float* L, int64_t g, const bool* valid) {
     int64_t j = 0;
     for (; j + kLanes <= g; j += kLanes) acc = acc + VecOps::exp(Vec::loadu(row + j) - vm);
     for (; j < g; ++j) tail += std::exp(row[j] - m);
-    const float shift = line_shift(m, hsum(acc) + tail);
+    const float shift = math::lse_value(m, hsum(acc) + tail);
     const Vec vshift(shift);
     j = 0;
     for (; j + kLanes <= g; j += kLanes) (Vec::loadu(row + j) - vshift).store(row + j);
@@ -67,7 +65,7 @@ PK_FLATTEN void normalize_columns(float* L, int64_t g, const bool* valid, float*
     for (; j < g; ++j) col_sum[j] += std::exp(row[j] - col_max[j]);
   }
   for (int64_t j = 0; j < g; ++j) {  // the shift, in col_max
-    col_max[j] = (valid != nullptr && !valid[j]) ? 0.f : line_shift(col_max[j], col_sum[j]);
+    col_max[j] = (valid != nullptr && !valid[j]) ? 0.f : math::lse_value(col_max[j], col_sum[j]);
   }
   for (int64_t i = 0; i < g; ++i) {
     float* row = L + i * g;
