@@ -138,45 +138,102 @@ def call_once(fn, s, t, y, backward: bool):
 
 
 # ----------------------------------------------------------------------------- measurement
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def time_call(call, device: str, **limits):
+    """time_calls for one call: ((median, q20, q80) in ms, number of timed calls); raises
+    what the call raises."""
+    result = time_calls({"call": call}, device, **limits)["call"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
-def time_call(call, device: str, min_reps: int = 3, min_seconds: float = 0.1, max_reps: int = 20,
-              warmup_seconds: float = 2.0, max_warmup: int = 40):
-    """(median, q20, q80) in ms, and the number of timed calls. On CPU a first call sets up
-    (torch.compile compiles in it, so its time says nothing of a steady call); then the call is
-    repeated for warmup_seconds (at most max_warmup times; once if that call alone takes half of
-    it): on VMs that hand freed memory back to the host (free page reporting, as on the
-    development VM), calls that touch memory freed more than ~2 s earlier pay the host's page
-    faults, for about the first 1.3 s of calls up to 5x a steady call; a torch.compile'd
-    function's first calls after compiling pay it too."""
+def time_calls(calls: dict, device: str, min_reps: int = 3, min_seconds: float = 0.1,
+               max_reps: int = 20, warmup_seconds: float = 2.0, max_warmup: int = 40) -> dict:
+    """{name: ((median, q20, q80) in ms, number of timed calls), or the exception the call
+    raised}. On CPU the calls take turns, one call of each per round, so that what the machine
+    does meanwhile (other load, the host's page faults) falls on all of them alike:
+    - a set-up call each (torch.compile compiles in it, so its time says nothing of a steady
+      call);
+    - warm-up rounds, shared, until warmup_seconds have passed (at least one round; a call
+      leaves the warm-up after max_warmup calls, or after one call of warmup_seconds / 2 or
+      more). On VMs that hand freed memory back to the host (free page reporting, as on the
+      development VM), calls that touch memory freed more than ~2 s earlier pay the host's
+      page faults, for about the first 1.3 s of calls up to 5x a steady call; a
+      torch.compile'd function's first calls after compiling pay it too. Taking turns, the
+      calls reuse each other's freshly freed memory, so one warm-up serves them all;
+    - timed rounds: a call stays in them until it has min_reps timings and either min_seconds
+      of them or max_reps.
+    On CUDA, triton.testing.do_bench times each call in turn."""
+    out, live = {}, {}
     if device == "cuda":
+        for name, call in calls.items():
+            try:
+                out[name] = _time_cuda(call, min_reps, max_reps)
+            except Exception as exc:  # one provider failing ends only its own run
+                out[name] = _without_frames(exc)
+                gc.collect()  # e.g. eager out of memory at the largest shapes: free its
+                torch.cuda.empty_cache()  # tensors before the next provider runs
+        return out
+
+    def run(name, call):
         try:
-            from triton.testing import do_bench
-        except ImportError:  # Triton is optional: time with CUDA events instead
-            return _time_cuda_events(call, min_reps, max_reps)
-        q20, q50, q80 = do_bench(call, quantiles=[0.2, 0.5, 0.8], warmup=10, rep=50)
-        return (q50, q20, q80), None
-    call()  # set-up
-    warm_start = time.perf_counter()
-    for _ in range(max_warmup):
-        t0 = time.perf_counter()
-        call()
-        now = time.perf_counter()
-        if now - warm_start >= warmup_seconds or now - t0 >= warmup_seconds / 2:
+            t0 = time.perf_counter()
+            call()
+            return time.perf_counter() - t0
+        except Exception as exc:
+            out[name] = _without_frames(exc)
+            live.pop(name, None)
+            return None
+
+    for name, call in calls.items():
+        live[name] = call
+        run(name, call)  # set-up
+    warm_start, warming = time.perf_counter(), {name: 0 for name in live}
+    while warming:
+        for name in list(warming):
+            took = run(name, live[name]) if name in live else None
+            warming[name] += 1
+            if took is None or took >= warmup_seconds / 2 or warming[name] >= max_warmup:
+                del warming[name]
+        if time.perf_counter() - warm_start >= warmup_seconds:
             break
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
-        t0 = time.perf_counter()
-        call()
-        times.append(1e3 * (time.perf_counter() - t0))
-    if len(times) == 1:
-        return (times[0],) * 3, 1
-    deciles = statistics.quantiles(times, n=10, method="inclusive")
-    return (statistics.median(times), deciles[1], deciles[7]), len(times)
+    times = {name: [] for name in live}
+    timing = list(live)
+    while timing:
+        for name in list(timing):
+            took = run(name, live[name]) if name in live else None
+            if took is None:
+                timing.remove(name)
+                continue
+            times[name].append(1e3 * took)
+            done = times[name]
+            if len(done) >= min_reps and (sum(done) >= 1e3 * min_seconds or len(done) >= max_reps):
+                timing.remove(name)
+    for name, done in times.items():
+        if name in out:  # failed after its set-up
+            continue
+        if len(done) == 1:
+            out[name] = ((done[0],) * 3, 1)
+        else:
+            deciles = statistics.quantiles(done, n=10, method="inclusive")
+            out[name] = ((statistics.median(done), deciles[1], deciles[7]), len(done))
+    return {name: out[name] for name in calls}
+
+
+def _without_frames(exc: Exception) -> Exception:
+    """The exception without its traceback, whose frames would keep the failed call's tensors
+    alive while the other providers run."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
+
+
+def _time_cuda(call, min_reps: int, max_reps: int):
+    try:
+        from triton.testing import do_bench
+    except ImportError:  # Triton is optional: time with CUDA events instead
+        return _time_cuda_events(call, min_reps, max_reps)
+    q20, q50, q80 = do_bench(call, quantiles=[0.2, 0.5, 0.8], warmup=10, rep=50)
+    return (q50, q20, q80), None
 
 
 def _time_cuda_events(call, min_reps: int, max_reps: int):
@@ -249,33 +306,45 @@ def build_cases(args) -> list[Case]:
     return cases
 
 
+def _error(exc: Exception) -> str:
+    return f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
 def run_case(case: Case, providers: list[str], inputs, copy: float, bar=None) -> list[dict]:
     op = OPS[case.op]
     s, t, y = inputs
     elem = s.element_size()
     nbytes = min_bytes(op, case.rows, case.vocab, elem, case.backward)
     copy_gbps = 2 * case.rows * case.vocab * elem / copy / 1e6
-    out = []
+    rows, calls = {}, {}
     for name in providers:
-        row = dict(asdict(case), provider=name, min_bytes=nbytes, copy_ms=copy, copy_gbps=copy_gbps)
+        rows[name] = dict(asdict(case), provider=name, min_bytes=nbytes, copy_ms=copy, copy_gbps=copy_gbps)
         try:
             fn = provider_fn(name, op)
-            s_in = s.detach().requires_grad_(case.backward)
-            call = lambda: call_once(fn, s_in, t, y, case.backward)  # noqa: E731
-            (med, q20, q80), reps = time_call(call, case.device)
-            if case.device == "cuda":
+        except Exception as exc:
+            rows[name].update(status=_error(exc))
+            continue
+        s_in = s.detach().requires_grad_(case.backward)
+        calls[name] = (functools.partial(call_once, fn, s_in, t, y, case.backward), s_in)
+    timed = time_calls({name: call for name, (call, _) in calls.items()}, case.device)
+    for name, result in timed.items():
+        row = rows[name]
+        if isinstance(result, Exception):  # report and go on with the sweep
+            row.update(status=_error(result))
+            continue
+        (med, q20, q80), reps = result
+        gbps = nbytes / med / 1e6
+        row.update(status="ok", median_ms=med, q20_ms=q20, q80_ms=q80, reps=reps, gbps=gbps,
+                   fraction_of_copy=gbps / copy_gbps)
+        if case.device == "cuda":
+            call, s_in = calls[name]
+            try:
                 row["extra_peak_mb"] = extra_memory_mb(call, s_in, case.backward, case.device)
-            gbps = nbytes / med / 1e6
-            row.update(status="ok", median_ms=med, q20_ms=q20, q80_ms=q80, reps=reps, gbps=gbps,
-                       fraction_of_copy=gbps / copy_gbps)
-        except Exception as exc:  # report and go on with the sweep
-            row.update(status=f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
-            if case.device == "cuda":  # e.g. eager out of memory at the largest shapes
-                gc.collect()
+            except torch.cuda.OutOfMemoryError:  # timed, but not measurable next to the others
                 torch.cuda.empty_cache()
-        out.append(row)
-        if bar is not None:
-            bar.update(1)
+    if bar is not None:
+        bar.update(len(providers))
+    out = list(rows.values())
     eager = next((r for r in out if r["provider"] == "eager" and r["status"] == "ok"), None)
     for r in out:
         if eager and r["status"] == "ok":

@@ -96,18 +96,35 @@ def test_sweep_writes_results_table_and_plots(tmp_path, capsys):
 
 
 class _FakeClock:
-    """Stands in for the harness's `time` module: calls advance a virtual clock by the
-    durations scripted for them, so warm-up rules are tested exactly and at once."""
+    """Stands in for the harness's `time` module: scripted calls advance a virtual clock by
+    the durations given for them, so the timing rules are tested exactly and at once."""
 
-    def __init__(self, durations, steady):
-        self.now, self.durations, self.steady, self.calls = 0.0, list(durations), steady, 0
+    def __init__(self, durations=(), steady=0.0):
+        self.now, self.log = 0.0, []
+        self.call = self.scripted("call", durations, steady)
 
     def perf_counter(self):
         return self.now
 
-    def call(self):
-        self.now += self.durations.pop(0) if self.durations else self.steady
-        self.calls += 1
+    def scripted(self, name, durations, steady, fail_at=None):
+        """A call taking `durations` in turn, then `steady` seconds; raising on call `fail_at`."""
+        clock, durations = self, list(durations)
+
+        class Call:
+            calls = 0
+
+            def __call__(self):
+                self.calls += 1
+                clock.log.append(name)
+                if self.calls == fail_at:
+                    raise RuntimeError(f"{name} failed")
+                clock.now += durations.pop(0) if durations else steady
+
+        return Call()
+
+    @property
+    def calls(self):
+        return self.call.calls
 
 
 def test_cpu_warmup_starts_after_the_setup_call(monkeypatch):
@@ -129,6 +146,43 @@ def test_cpu_warmup_of_slow_calls_is_one_call(monkeypatch):
     (med, _, _), reps = harness.time_call(clock.call, "cpu")
     assert med == pytest.approx(1500.0) and reps == 3
     assert clock.calls == 2 + 3
+
+
+def test_cpu_calls_take_turns_and_share_the_warmup(monkeypatch):
+    """Three providers: one call of each per round, from the set-up call on, and one warm-up
+    of about 2 s for all of them (one each would be 6 s)."""
+    clock = _FakeClock()
+    calls = {"a": clock.scripted("a", [], 0.1), "b": clock.scripted("b", [3.0], 0.2),
+             "c": clock.scripted("c", [], 0.05)}
+    monkeypatch.setattr(harness, "time", clock)
+    out = harness.time_calls(calls, "cpu")
+    assert clock.log[:12] == ["a", "b", "c"] * 4, clock.log[:12]
+    warmup_rounds = (2.0 + 0.35 - 1e-9) // 0.35  # rounds of 0.35 s until 2 s have passed
+    assert clock.log.count("b") == 1 + warmup_rounds + out["b"][1]
+    for name, steady in (("a", 100.0), ("b", 200.0), ("c", 50.0)):
+        (med, q20, q80), reps = out[name]
+        assert med == pytest.approx(steady) and q20 == pytest.approx(steady), name
+        assert reps >= 3 and reps * steady >= 100.0
+    assert clock.now < 3.0 + 2.0 + 3 * 0.35 + 1.0  # set-ups, one warm-up, timed rounds
+
+
+def test_cpu_call_failing_midway_leaves_the_others(monkeypatch):
+    """A provider that raises in its set-up or in a later call is dropped with its exception;
+    the others are timed as if it had not run, and it is not called again."""
+    clock = _FakeClock()
+    calls = {"setup_fails": clock.scripted("setup_fails", [], 0.1, fail_at=1),
+             "ok": clock.scripted("ok", [], 0.1),
+             "later_fails": clock.scripted("later_fails", [], 0.1, fail_at=4)}
+    monkeypatch.setattr(harness, "time", clock)
+    out = harness.time_calls(calls, "cpu")
+    assert list(out) == list(calls)
+    assert isinstance(out["setup_fails"], RuntimeError) and calls["setup_fails"].calls == 1
+    assert isinstance(out["later_fails"], RuntimeError) and calls["later_fails"].calls == 4
+    assert out["later_fails"].__traceback__ is None  # its frames (and tensors) are let go
+    (med, _, _), reps = out["ok"]
+    assert med == pytest.approx(100.0) and reps >= 3
+    with pytest.raises(RuntimeError, match="setup_fails failed"):
+        harness.time_call(clock.scripted("setup_fails", [], 0.1, fail_at=1), "cpu")
 
 
 def test_failing_provider_is_reported_and_sweep_goes_on(tmp_path, monkeypatch, capsys):
