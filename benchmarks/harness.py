@@ -11,11 +11,12 @@ PyTorch written as users write it (benchmarks/ops.py), torch.compile of that eag
 Liger-Kernel where it is installed and has the op (its losses take log-probabilities or
 probabilities, so the timed region includes the log_softmax / softmax the caller must do).
 
-Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls after a
-set-up call (where torch.compile compiles) and two seconds of warm-up calls (at least one);
-on GPU triton.testing.do_bench. Bandwidth: the minimal-bytes model of DESIGN.md
-(every logit tensor read once, the student gradient written once) over the median time, and
-its ratio to a plain copy of the same number of bytes timed in the same run. Memory beyond the
+Time: on CPU the median and 20/80 % quantiles of perf_counter over repeated calls, the
+providers of a case taking turns, after a set-up call each (where torch.compile compiles) and
+one second of shared warm-up rounds (at least one); on GPU triton.testing.do_bench.
+Bandwidth: the minimal-bytes model of DESIGN.md (every logit tensor read once, the student
+gradient written once) over the median time, and its ratio to a plain copy of the student
+logits timed among the providers of the same case. Memory beyond the
 inputs and the returned gradient: on GPU torch.cuda.max_memory_allocated; on CPU one child
 process runs every case once more with glibc's mmap threshold fixed at 64 KiB
 (MALLOC_MMAP_THRESHOLD_), so that every tensor of 64 KiB or more is its own mapping, returned
@@ -138,17 +139,8 @@ def call_once(fn, s, t, y, backward: bool):
 
 
 # ----------------------------------------------------------------------------- measurement
-def time_call(call, device: str, **limits):
-    """time_calls for one call: ((median, q20, q80) in ms, number of timed calls); raises
-    what the call raises."""
-    result = time_calls({"call": call}, device, **limits)["call"]
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
 def time_calls(calls: dict, device: str, min_reps: int = 3, min_seconds: float = 0.1,
-               max_reps: int = 20, warmup_seconds: float = 2.0, max_warmup: int = 40) -> dict:
+               max_reps: int = 20, warmup_seconds: float = 1.0, max_warmup: int = 40) -> dict:
     """{name: ((median, q20, q80) in ms, number of timed calls), or the exception the call
     raised}. On CPU the calls take turns, one call of each per round, so that what the machine
     does meanwhile (other load, the host's page faults) falls on all of them alike:
@@ -158,9 +150,11 @@ def time_calls(calls: dict, device: str, min_reps: int = 3, min_seconds: float =
       leaves the warm-up after max_warmup calls, or after one call of warmup_seconds / 2 or
       more). On VMs that hand freed memory back to the host (free page reporting, as on the
       development VM), calls that touch memory freed more than ~2 s earlier pay the host's
-      page faults, for about the first 1.3 s of calls up to 5x a steady call; a
-      torch.compile'd function's first calls after compiling pay it too. Taking turns, the
-      calls reuse each other's freshly freed memory, so one warm-up serves them all;
+      page faults, up to 5x a steady call (for about 1.3 s of calls, in a process that makes
+      only one of them); a torch.compile'd function's first calls after compiling pay it too.
+      Taking turns, the calls reuse each other's freshly freed memory, and the set-up calls
+      have already touched it, so one short warm-up serves them all (the README has the runs
+      that compared 1 s with 2 s);
     - timed rounds: a call stays in them until it has min_reps timings and either min_seconds
       of them or max_reps.
     On CUDA, triton.testing.do_bench times each call in turn."""
@@ -256,9 +250,10 @@ def _status_kb(key: str) -> int:
 
 
 def extra_memory_mb(call, s, backward: bool, device: str) -> float:
-    """Peak memory of one call beyond what was held before it and the returned gradient."""
+    """Peak memory of one call beyond what was held before it and the returned gradient.
+    No gc.collect() first (0.2 s each, with torch.compile loaded): garbage still held is part
+    of the baseline, and freeing it during the call cannot raise the peak."""
     s.grad = None
-    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -273,12 +268,6 @@ def extra_memory_mb(call, s, backward: bool, device: str) -> float:
         peak = 1024 * _status_kb("VmHWM")
     grad = s.grad.numel() * s.grad.element_size() if (backward and s.grad is not None) else 0
     return max(0.0, (peak - base - grad) / 2**20)
-
-
-def copy_ms(x: torch.Tensor, device: str) -> float:
-    scratch = torch.empty_like(x)
-    (med, _, _), _ = time_call(lambda: scratch.copy_(x), device)
-    return med
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -310,15 +299,19 @@ def _error(exc: Exception) -> str:
     return f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
-def run_case(case: Case, providers: list[str], inputs, copy: float, bar=None) -> list[dict]:
+_COPY = " copy"  # the yardstick's name among a case's calls; no provider's name has a space
+
+
+def run_case(case: Case, providers: list[str], inputs, bar=None) -> list[dict]:
+    """One row per provider; a plain copy of the student logits is timed among them (taking
+    turns on CPU), as the yardstick of the bandwidth ratios."""
     op = OPS[case.op]
     s, t, y = inputs
     elem = s.element_size()
     nbytes = min_bytes(op, case.rows, case.vocab, elem, case.backward)
-    copy_gbps = 2 * case.rows * case.vocab * elem / copy / 1e6
     rows, calls = {}, {}
     for name in providers:
-        rows[name] = dict(asdict(case), provider=name, min_bytes=nbytes, copy_ms=copy, copy_gbps=copy_gbps)
+        rows[name] = dict(asdict(case), provider=name, min_bytes=nbytes)
         try:
             fn = provider_fn(name, op)
         except Exception as exc:
@@ -326,7 +319,15 @@ def run_case(case: Case, providers: list[str], inputs, copy: float, bar=None) ->
             continue
         s_in = s.detach().requires_grad_(case.backward)
         calls[name] = (functools.partial(call_once, fn, s_in, t, y, case.backward), s_in)
-    timed = time_calls({name: call for name, (call, _) in calls.items()}, case.device)
+    scratch = torch.empty_like(s)
+    timed = time_calls({_COPY: functools.partial(scratch.copy_, s),
+                        **{name: call for name, (call, _) in calls.items()}}, case.device)
+    del scratch
+    copied = timed.pop(_COPY)
+    copy = float("nan") if isinstance(copied, Exception) else copied[0][0]
+    copy_gbps = 2 * case.rows * case.vocab * elem / copy / 1e6
+    for row in rows.values():
+        row.update(copy_ms=copy, copy_gbps=copy_gbps)
     for name, result in timed.items():
         row = rows[name]
         if isinstance(result, Exception):  # report and go on with the sweep
@@ -367,7 +368,7 @@ def sweep(cases: list[Case], provider_filter, progress: bool = True, max_minutes
         plan.append((case, names))
     total = sum(len(n) for _, n in plan)
     bar = _progress(total, progress)
-    results, copies = [], {}
+    results = []
     inputs_key, inputs = None, None
     for done, (case, names) in enumerate(plan):
         if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
@@ -380,15 +381,12 @@ def sweep(cases: list[Case], provider_filter, progress: bool = True, max_minutes
             gc.collect()
             inputs = make_inputs(case.rows, case.vocab, getattr(torch, case.dtype), case.device)
             inputs_key = key
-        if key not in copies:
-            try:
-                copies[key] = copy_ms(inputs[0], case.device)
-            except Exception as exc:  # no yardstick: GB/s are still reported, ratios are not
-                notes.add(f"copy timing failed at {case.rows}x{case.vocab}: {type(exc).__name__}")
-                copies[key] = float("nan")
         if bar is not None:
             bar.set_description(f"{case.op} {case.rows}x{case.vocab} {case.mode}")
-        results += run_case(case, names, inputs, copies[key], bar)
+        rows = run_case(case, names, inputs, bar)
+        if rows and math.isnan(rows[0]["copy_ms"]):  # GB/s are still reported, ratios are not
+            notes.add(f"copy timing failed at {case.rows}x{case.vocab}")
+        results += rows
         if checkpoint is not None:
             checkpoint(results)
     if bar is not None:
