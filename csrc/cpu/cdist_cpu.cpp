@@ -26,42 +26,66 @@ int64_t slab_columns(int64_t rows, int64_t V) {
   return std::min(V, std::max<int64_t>(64, n / 64 * 64));
 }
 
-// [rows, n] fp32 probabilities of x's rows over the columns [v0, v0 + n); each row's sum of
-// p^2 over them is added to sq_norm when it is given.
-at::Tensor prob_slab(const at::Tensor& x, const bool* valid, const at::Tensor& lse, float inv_t,
-                     int64_t v0, int64_t n, at::Tensor* sq_norm = nullptr) {
+// [rows, n] fp32 exp(x inv_t - shift) of x's rows over the columns [v0, v0 + n) (with shift
+// the lse: the probabilities); each row's sum of their squares, and of them, over the slab is
+// added to sq_norm and row_sum when given.
+at::Tensor prob_slab(const at::Tensor& x, const bool* valid, const at::Tensor& shift, float inv_t,
+                     int64_t v0, int64_t n, at::Tensor* sq_norm = nullptr,
+                     at::Tensor* row_sum = nullptr) {
   at::Tensor out = at::empty({x.size(0), x.size(1), n}, x.options().dtype(at::kFloat));
   ProbSlabArgs args{};
   args.dtype = x.scalar_type();
   args.rows = x.size(0) * x.size(1), args.G = x.size(1), args.V = x.size(2);
   args.x = rows_view(x);
   args.row_valid = valid;
-  args.lse = lse.const_data_ptr<float>();
+  args.shift = shift.const_data_ptr<float>();
   args.inv_t = inv_t;
   args.v0 = v0, args.n = n;
   args.out = out.mutable_data_ptr<float>();
   args.sq_norm = sq_norm ? sq_norm->mutable_data_ptr<float>() : nullptr;
+  args.row_sum = row_sum ? row_sum->mutable_data_ptr<float>() : nullptr;
   PK_ISA_PICK(prob_slab_kernel)(args);
   return out;
 }
 
+// Turns the row maxima m in lse into lse = m + log(row_sum) (masked rows keep +inf, all -inf
+// rows -inf, as row_lse gives) and returns 1 / row_sum, 0 where the sum is 0 (masked rows,
+// whose terms are all 0, or V = 0).
+at::Tensor finish_lse(at::Tensor& lse, const at::Tensor& row_sum, const bool* valid) {
+  at::Tensor inv_sum = at::empty_like(row_sum);
+  float* l = lse.mutable_data_ptr<float>();
+  const float* s = row_sum.const_data_ptr<float>();
+  float* inv = inv_sum.mutable_data_ptr<float>();
+  for (int64_t r = 0; r < lse.numel(); ++r) {
+    inv[r] = s[r] == 0.f ? 0.f : 1.f / s[r];
+    if ((valid == nullptr || valid[r]) && l[r] != -INFINITY) l[r] = math::lse_value(l[r], s[r]);
+  }
+  return inv_sum.view(row_sum.sizes());
+}
+
 // Squared distance as |q|^2 + |p|^2 - 2 q.p, with the products accumulated by batched matrix
-// multiplies over column slabs of on-the-fly probabilities (BLAS instead of G^2 V elementwise
-// terms; never more than a slab of probabilities at a time).
+// multiplies over column slabs of on-the-fly terms (BLAS instead of G^2 V elementwise terms;
+// never more than a slab at a time). The slabs hold exp(z - max) (each row's max in lse_s /
+// lse_t on entry), and the sums are divided by the rows' exp sums at the end: one exp per
+// logit in the forward, where a log-sum-exp pass first would take two.
 void sqeuclidean_forward(const at::Tensor& student, const at::Tensor& teacher, const bool* valid,
-                         const at::Tensor& lse_s, const at::Tensor& lse_t, float inv_t,
-                         at::Tensor& C, at::Tensor& A) {
+                         at::Tensor& lse_s, at::Tensor& lse_t, float inv_t, at::Tensor& C,
+                         at::Tensor& A) {
   const int64_t V = student.size(2);
   const int64_t step = slab_columns(student.size(0) * (student.size(1) + teacher.size(1)), V);
   at::Tensor dots = at::zeros_like(C);
   at::Tensor nq = at::zeros({student.size(0), student.size(1)}, C.options());
   at::Tensor np = at::zeros({teacher.size(0), teacher.size(1)}, C.options());
+  at::Tensor sq = at::zeros_like(nq), sp = at::zeros_like(np);
   for (int64_t v0 = 0; v0 < V; v0 += step) {
     const int64_t n = std::min(step, V - v0);
-    const at::Tensor q = prob_slab(student, valid, lse_s, inv_t, v0, n, &nq);
-    const at::Tensor p = prob_slab(teacher, valid, lse_t, inv_t, v0, n, &np);
+    const at::Tensor q = prob_slab(student, valid, lse_s, inv_t, v0, n, &nq, &sq);
+    const at::Tensor p = prob_slab(teacher, valid, lse_t, inv_t, v0, n, &np, &sp);
     dots.baddbmm_(q, p.transpose(1, 2));
   }
+  const at::Tensor inv_q = finish_lse(lse_s, sq, valid), inv_p = finish_lse(lse_t, sp, valid);
+  nq.mul_(inv_q * inv_q), np.mul_(inv_p * inv_p);
+  dots.mul_(inv_q.unsqueeze(2) * inv_p.unsqueeze(1));
   // rounding can take the difference below 0; clamp_min keeps NaN
   at::clamp_min_out(C, nq.unsqueeze(2) + np.unsqueeze(1) - 2 * dots, 0);
   at::mul_out(A, nq.unsqueeze(2) - dots, 2);
@@ -110,10 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cdist_forward
   args.C = C.mutable_data_ptr<float>(), args.A = A.mutable_data_ptr<float>();
   args.lse_s = lse_s.mutable_data_ptr<float>(), args.lse_t = lse_t.mutable_data_ptr<float>();
   if (cost == math::kCostSqEuclidean) {
-    PK_ISA_PICK(softmax_cdist_lse_kernel)(args);
-    if (C.numel() > 0) {
-      sqeuclidean_forward(student, teacher, args.row_valid, lse_s, lse_t, args.inv_t, C, A);
-    }
+    PK_ISA_PICK(softmax_cdist_max_kernel)(args);
+    sqeuclidean_forward(student, teacher, args.row_valid, lse_s, lse_t, args.inv_t, C, A);
   } else {
     PK_ISA_PICK(softmax_cdist_forward_kernel)(args);
   }

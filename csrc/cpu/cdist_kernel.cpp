@@ -57,31 +57,44 @@ PK_FLATTEN float row_lse(const scalar_t* row, int64_t V, float inv_t, float* buf
   return math::lse_value(m, hsum(acc) + tail);
 }
 
+// max_v z_v * inv_t of one row (NaN anywhere gives NaN); no exponentials.
+template <typename scalar_t>
+PK_FLATTEN float row_max(const scalar_t* row, int64_t V, float inv_t, float* buf) {
+  float m = -INFINITY;
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - b0);
+    m = nan_max(m, block_max(block_values(row + b0, n, inv_t, buf), n));
+  }
+  return m;
+}
+
 inline bool row_is_valid(const bool* row_valid, int64_t r) { return row_valid == nullptr || row_valid[r]; }
 
-// dst[0:n] = softmax probabilities of row r (b * G + i) of a [Bt, G, V] view over the columns
-// [v0, v0 + n), or zeros for a masked row.
+// dst[0:n] = exp(z * inv_t - shift[r]) of row r (b * G + i) of a [Bt, G, V] view over the
+// columns [v0, v0 + n) (the softmax probabilities when shift is the lse), or zeros for a
+// masked row.
 template <typename scalar_t>
 PK_FLATTEN void row_block_probs(const RowsView& view, int64_t G, int64_t r, int64_t v0, int64_t n,
-                                float inv_t, const float* lse, const bool* row_valid, float* dst) {
+                                float inv_t, const float* shift, const bool* row_valid, float* dst) {
   if (!row_is_valid(row_valid, r)) {
     std::fill(dst, dst + n, 0.f);
     return;
   }
   load_block(row_ptr<scalar_t>(view, G, r) + v0, n, inv_t, dst);
-  const Vec vl(lse[r]);
+  const Vec vl(shift[r]);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) VecOps::exp(Vec::loadu(dst + i) - vl).store(dst + i);
-  for (; i < n; ++i) dst[i] = ::expf(dst[i] - lse[r]);
+  for (; i < n; ++i) dst[i] = ::expf(dst[i] - shift[r]);
 }
 
-template <typename scalar_t>
-void lse_rows(const RowsView& view, int64_t rows, int64_t G, int64_t V, float inv_t,
-              const bool* row_valid, float* lse) {
+// out[r] = reduce(row r) for the valid rows, +inf for the masked ones.
+template <typename scalar_t, typename RowReduce>
+void reduce_rows(const RowsView& view, int64_t rows, int64_t G, int64_t V, float inv_t,
+                 const bool* row_valid, float* out, RowReduce reduce) {
   at::parallel_for(0, rows, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(kBlock);
     for (int64_t r = begin; r < end; ++r) {
-      lse[r] = row_is_valid(row_valid, r) ? row_lse(row_ptr<scalar_t>(view, G, r), V, inv_t, buf.data())
+      out[r] = row_is_valid(row_valid, r) ? reduce(row_ptr<scalar_t>(view, G, r), V, inv_t, buf.data())
                                           : INFINITY;
     }
   });
@@ -155,8 +168,14 @@ PK_FLATTEN void slope_rows(const float* x, int64_t nr, const float* y, const flo
 
 template <typename scalar_t>
 void cdist_lse(const CdistForwardArgs& a) {
-  lse_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.lse_s);
-  lse_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.lse_t);
+  reduce_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.lse_s, row_lse<scalar_t>);
+  reduce_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.lse_t, row_lse<scalar_t>);
+}
+
+template <typename scalar_t>
+void cdist_max(const CdistForwardArgs& a) {
+  reduce_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.lse_s, row_max<scalar_t>);
+  reduce_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.lse_t, row_max<scalar_t>);
 }
 
 template <typename scalar_t>
@@ -165,17 +184,19 @@ void prob_slab(const ProbSlabArgs& a) {
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* p = a.out + r * a.n;
-      row_block_probs<scalar_t>(a.x, a.G, r, a.v0, a.n, a.inv_t, a.lse, a.row_valid, p);
-      if (a.sq_norm == nullptr) continue;
-      Vec acc(0.f);  // while the row is in L1: saves a pass and a temporary per slab
-      float tail = 0.f;
+      row_block_probs<scalar_t>(a.x, a.G, r, a.v0, a.n, a.inv_t, a.shift, a.row_valid, p);
+      if (a.sq_norm == nullptr && a.row_sum == nullptr) continue;
+      Vec acc_sq(0.f), acc(0.f);  // while the row is in L1: saves a pass and a temporary per slab
+      float tail_sq = 0.f, tail = 0.f;
       int64_t k = 0;
       for (; k + kLanes <= a.n; k += kLanes) {
         const Vec pv = Vec::loadu(p + k);
-        acc = at::vec::fmadd(pv, pv, acc);
+        acc_sq = at::vec::fmadd(pv, pv, acc_sq);
+        acc = acc + pv;
       }
-      for (; k < a.n; ++k) tail += p[k] * p[k];
-      a.sq_norm[r] += hsum(acc) + tail;
+      for (; k < a.n; ++k) tail_sq += p[k] * p[k], tail += p[k];
+      if (a.sq_norm != nullptr) a.sq_norm[r] += hsum(acc_sq) + tail_sq;
+      if (a.row_sum != nullptr) a.row_sum[r] += hsum(acc) + tail;
     }
   });
 }
@@ -316,8 +337,8 @@ struct BackwardFn {
 };
 
 template <typename scalar_t>
-struct LseFn {
-  static void run(const CdistForwardArgs& a) { cdist_lse<scalar_t>(a); }
+struct MaxFn {
+  static void run(const CdistForwardArgs& a) { cdist_max<scalar_t>(a); }
 };
 
 template <typename scalar_t>
@@ -333,7 +354,7 @@ struct SqGradFn {
 }  // namespace
 
 void softmax_cdist_forward_kernel(const CdistForwardArgs& args) { dispatch_dtype<ForwardFn>(args); }
-void softmax_cdist_lse_kernel(const CdistForwardArgs& args) { dispatch_dtype<LseFn>(args); }
+void softmax_cdist_max_kernel(const CdistForwardArgs& args) { dispatch_dtype<MaxFn>(args); }
 void prob_slab_kernel(const ProbSlabArgs& args) { dispatch_dtype<SlabFn>(args); }
 void sqeuclidean_grad_kernel(const SqEuclideanGradArgs& args) { dispatch_dtype<SqGradFn>(args); }
 void softmax_cdist_backward_kernel(const CdistBackwardArgs& args) { dispatch_dtype<BackwardFn>(args); }

@@ -21,7 +21,7 @@ struct CdistForwardArgs {
   float inv_t;
   float* C;      // [Bt, Gs, Gt]
   float* A;      // [Bt, Gs, Gt]
-  float* lse_s;  // [Bt*Gs]
+  float* lse_s;  // [Bt*Gs]; softmax_cdist_max_kernel writes the rows' maxima here
   float* lse_t;  // [Bt*Gt]
 };
 
@@ -39,19 +39,22 @@ struct CdistBackwardArgs {
   void* grad_x;         // [Bt, Gx, V] contiguous, x's dtype
 };
 
-// Probabilities of the rows of one side over the columns [v0, v0 + n): out[r, k] for every row
-// r of the [Bt, G, V] view (zeros on masked rows), fp32, row stride n. The squared distance
-// on CPU is matrix products of such slabs (BLAS), one slab of columns at a time.
+// exp(z inv_t - shift) of the rows of one side over the columns [v0, v0 + n): out[r, k] for
+// every row r of the [Bt, G, V] view (zeros on masked rows), fp32, row stride n: the
+// probabilities when shift is the row's lse, or the forward's unnormalised terms when it is the
+// row's max (normalised afterwards, so the forward needs no exp pass for the lse). The squared
+// distance on CPU is matrix products of such slabs (BLAS), one slab of columns at a time.
 struct ProbSlabArgs {
   c10::ScalarType dtype;
   int64_t rows, G, V;
   RowsView x;
   const bool* row_valid;
-  const float* lse;  // [rows]
+  const float* shift;  // [rows]
   float inv_t;
   int64_t v0, n;
   float* out;      // [rows, n]
-  float* sq_norm;  // [rows] or nullptr: each row's sum of p^2 over the slab is added to it
+  float* sq_norm;  // [rows] or nullptr: each row's sum of out^2 over the slab is added to it
+  float* row_sum;  // [rows] or nullptr: each row's sum of out over the slab is added to it
 };
 
 // The squared distance's gradient over the columns [v0, v0 + n) of x's rows, written into
@@ -74,7 +77,7 @@ struct SqEuclideanGradArgs {
 #define PK_DECLARE_CDIST_KERNELS(ISA)                          \
   namespace ISA {                                              \
   void softmax_cdist_forward_kernel(const CdistForwardArgs&);  \
-  void softmax_cdist_lse_kernel(const CdistForwardArgs&);      \
+  void softmax_cdist_max_kernel(const CdistForwardArgs&);      \
   void softmax_cdist_backward_kernel(const CdistBackwardArgs&); \
   void prob_slab_kernel(const ProbSlabArgs&);                  \
   void sqeuclidean_grad_kernel(const SqEuclideanGradArgs&);    \
