@@ -1305,3 +1305,16 @@ def test_gpu_int64_offsets():
         (g64,) = torch.autograd.grad((l64, h64), tail, (torch.ones(3, dtype=F64),) * 2)
         H.assert_grad_close(z.grad[-3:].cpu(), g64, BF16, what="tail grads")
         del z, logp, ent
+
+
+@pytest.mark.gpu
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    """Kernels launch on the tensors' device (and its stream), not on the current device."""
+    backends = _cuda_backends_or_skip()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    z = H.make_logits((4, 3001), BF16, seed=126, device="cuda:1")
+    tok = make_tokens((4,), 3001, seed=126, logits=z).to("cuda:1")
+    with torch.cuda.device(0):
+        for backend in backends:
+            check_token_ops(z, tok, backend=backend, outputs="both")

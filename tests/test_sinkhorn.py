@@ -683,6 +683,28 @@ def test_sinkhorn_loss_gpu_vs_oracle(backend, cost):
 
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_softmax_cdist_gpu_on_a_device_that_is_not_current(backend):
+    """Kernels launch on the tensors' device (and its stream), not on the current device."""
+    pk = H.pk()
+    if backend not in pk.available_backends("cuda"):
+        pytest.skip(f"{backend} not available on cuda")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    s = H.make_logits((2, 20, 501), BF16, seed=133, device="cuda:1")
+    t = H.make_logits((2, 9, 501), BF16, seed=134, device="cuda:1")
+    grad_c = H.make_logits((2, 20, 9), FP32, seed=135, scale=1.0, device="cuda:1")
+    with torch.cuda.device(0):
+        C, gs, gt = _cdist_grads(lambda a, b: pk.softmax_cdist(a, b, cost="sqeuclidean",
+                                                               backend=backend), s, t, grad_c)
+    rC, rgs, rgt = _oracle_cdist(s.cpu(), t.cpu(), "sqeuclidean", 1.0, grad_c.cpu())
+    _assert_c_close(C.cpu(), rC, f"{backend} C")
+    floor = _cdist_floor(grad_c, 1.0)
+    _assert_close(gs.cpu(), rgs, GRAD_REL[BF16], f"{backend} student grad", floor)
+    _assert_close(gt.cpu(), rgt, GRAD_REL[BF16], f"{backend} teacher grad", floor)
+
+
 def test_sinkhorn_loss_module(cpu_backend):
     pk = H.pk()
     s, t, group_size, labels = _layout_inputs(((2, 4, 19), 4, 0.25), seed=150)

@@ -403,10 +403,16 @@ def _launch_guard(device):
     # The kernels compute NaN/inf intermediates by design (-inf - -inf, 0 * inf) and select
     # them away, as pk_math.h does. On GPU that is silent; the interpreter runs the ops in
     # numpy, which would warn on every masked tail, so silence numpy there.
-    if torch.device(device).type == "cpu":
+    device = torch.device(device)
+    if device.type == "cpu":
         import numpy as np
 
         return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+    # Triton launches on the current device and its stream, not on the tensors' device
+    # (triton_op adds no guard): tensors on cuda:1 while cuda:0 is current would be read
+    # through the wrong context. Compiled graphs carry Inductor's own device guard.
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return torch.cuda.device(device)
     return contextlib.nullcontext()
 
 
