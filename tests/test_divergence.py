@@ -12,6 +12,8 @@ single-row V = 32001 case.  GPU variants (cuda / triton on cuda tensors) are mar
 """
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -677,3 +679,38 @@ def test_gpu_backends_agree_with_cpu_on_big_batch():
     for backend in H.pk().available_backends("cuda"):
         out = H.pk().jsd(s.cuda(), t.cuda(), beta=0.3, reduction="none", backend=backend)
         torch.testing.assert_close(out.cpu(), cpu, rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_tensors_on_a_device_that_is_not_current(backend):
+    """Kernels launch on the tensors' device (and its stream), not on the current device."""
+    _gpu_backend_or_skip(backend)
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    s, t = H.make_pair((4, 3000), BF16, seed=97, device="cuda:1")
+    with torch.cuda.device(0):
+        H.check_against_oracle("jsd", {"beta": 0.3}, s, t, backend=backend, reduction="none")
+
+
+@pytest.mark.gpu
+def test_gpu_row_cache_just_under_the_default_shared_memory_limit():
+    """The cuda forward parks row chunks in dynamic shared memory. Near 48 KB of it (fp32
+    V = 6144, bf16 V = 12288) the launch needs the opt-in because the kernel's static shared
+    memory counts too. A fresh process: an earlier call with a bigger V would have raised the
+    kernel's limit and hidden a missing opt-in."""
+    _gpu_backend_or_skip("cuda")
+    script = (
+        "import torch, pykernels as pk\n"
+        "for dtype, V in ((torch.float32, 6144), (torch.bfloat16, 12288)):\n"
+        "    g = torch.Generator(device='cuda').manual_seed(V)\n"
+        "    s = torch.randn(4, V, device='cuda', generator=g).to(dtype)\n"
+        "    t = torch.randn(4, V, device='cuda', generator=g).to(dtype)\n"
+        "    for kind in ('jsd', 'tvd', 'hellinger'):\n"
+        "        got = pk.divergence(s, t, kind=kind, reduction='none', backend='cuda')\n"
+        "        want = pk.divergence(s, t, kind=kind, reduction='none', backend='torch')\n"
+        "        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -205,17 +206,24 @@ const bool* valid_ptr(const std::optional<at::Tensor>& row_valid) {
   return row_valid ? row_valid->const_data_ptr<bool>() : nullptr;
 }
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// grid.x for n blocks: at most 2^31 - 1, where a wrapped count would leave outputs unwritten.
+unsigned int grid_blocks(int64_t n, const char* what) {
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "pykernels softmax_cdist (cuda): ", what,
+              " needs ", n, " blocks, more than a grid holds");
+  return static_cast<unsigned int>(n);
+}
+
 template <typename scalar_t>
 void launch_lse(const at::Tensor& x, float inv_t, const bool* valid, at::Tensor& lse) {
   const int64_t rows = x.size(0) * x.size(1);
   if (rows == 0) return;
-  lse_kernel<scalar_t><<<static_cast<unsigned int>(rows), kLseThreads, 0,
+  lse_kernel<scalar_t><<<grid_blocks(rows, "the rows' lse"), kLseThreads, 0,
                          c10::cuda::getCurrentCUDAStream()>>>(rows_of<scalar_t>(x), x.size(2), inv_t,
                                                               valid, lse.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
@@ -234,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cdist_forward
     launch_lse<scalar_t>(teacher, inv_t, valid, lse_t);
     if (C.numel() == 0) return;
     const int64_t ti = ceil_div(Gs, kTile), tj = ceil_div(Gt, kTile);
-    const auto blocks = static_cast<unsigned int>(Bt * ti * tj);
+    const auto blocks = grid_blocks(Bt * ti * tj, "the cost matrix");
     auto kernel = cost == math::kCostL1 ? cdist_fwd_kernel<scalar_t, math::kCostL1>
                                         : cdist_fwd_kernel<scalar_t, math::kCostSqEuclidean>;
     kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -259,7 +267,7 @@ at::Tensor softmax_cdist_backward_cuda(const at::Tensor& weight, const at::Tenso
   const float inv_t = static_cast<float>(inv_temperature);
   PK_DISPATCH_LOGIT_TYPES(x.scalar_type(), "softmax_cdist_backward_cuda", [&] {
     const int64_t ti = ceil_div(Gx, kBwdRows), tv = ceil_div(V, kBwdCols);
-    const auto blocks = static_cast<unsigned int>(Bt * ti * tv);
+    const auto blocks = grid_blocks(Bt * ti * tv, "the gradient");
     auto kernel = cost == math::kCostL1 ? cdist_bwd_kernel<scalar_t, math::kCostL1>
                                         : cdist_bwd_kernel<scalar_t, math::kCostSqEuclidean>;
     kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -40,6 +40,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -59,10 +61,6 @@ using math::DivParams;
 using math::ScalarOps;
 
 using namespace cuda_rows;
-
-// Static shared memory (reduction scratch) plus slack, subtracted from the opt-in limit
-// when sizing the row cache.
-constexpr int kStaticSmemReserve = 2048;
 
 template <typename scalar_t>
 struct RowArgs {
@@ -429,11 +427,28 @@ __global__ void __launch_bounds__(kMaxThreads)
 // Host side.
 
 // Opt-in shared memory per block of the current device (a driver attribute query, no sync).
-int max_smem_optin() {
+// The dynamic shared memory a launch of Kernel may ask for on the current device: the opt-in
+// limit less the kernel's static shared memory (the 48 KB default counts both, so a request
+// just under 48 KB fails without the opt-in). The opt-in is set to this maximum once per
+// device and never lowered, so threads launching with other sizes cannot race on it.
+template <auto Kernel>
+int64_t dynamic_smem_budget() {
+  constexpr int kCachedDevices = 64;
+  static std::array<std::atomic<int64_t>, kCachedDevices> cached{};  // 0: not set yet
   const int dev = c10::cuda::current_device();
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return v;
+  if (dev < kCachedDevices) {
+    const int64_t b = cached[dev].load(std::memory_order_relaxed);
+    if (b > 0) return b;
+  }
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  cudaFuncAttributes fa{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, Kernel));
+  const int64_t b = std::max<int64_t>(1, optin - static_cast<int64_t>(fa.sharedSizeBytes));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(b)));
+  if (dev < kCachedDevices) cached[dev].store(b, std::memory_order_relaxed);
+  return b;
 }
 
 // Set PYKERNELS_CUDA_DIV_SMEM_CACHE=0 to disable the pass-2 row cache (benchmark knob).
@@ -465,18 +480,14 @@ template <int KIND, typename scalar_t>
 void launch_forward(const RowArgs<scalar_t>& a, const DivParams& P, float inv_t, int64_t N,
                     float* row_loss, float* stats) {
   constexpr int VEC = kChunkBytes / sizeof(scalar_t);
-  auto kernel = divergence_fwd_kernel<scalar_t, VEC, KIND>;
+  constexpr auto kernel = divergence_fwd_kernel<scalar_t, VEC, KIND>;
   const int threads = pick_threads(a.V, VEC);
   int64_t cache_chunks = 0;
   if (KIND != math::kForwardKL && row_cache_enabled()) {
-    const int64_t budget = static_cast<int64_t>(max_smem_optin()) - kStaticSmemReserve;
+    const int64_t budget = dynamic_smem_budget<kernel>();
     cache_chunks = std::max<int64_t>(0, std::min<int64_t>(a.V / VEC, budget / (2 * kChunkBytes)));
   }
   const size_t smem = static_cast<size_t>(cache_chunks) * 2 * kChunkBytes;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
   kernel<<<static_cast<unsigned int>(N), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       a, P, inv_t, cache_chunks, row_loss, stats);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
