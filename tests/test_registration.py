@@ -161,6 +161,58 @@ def test_ops_direct_low_precision(backend, dtype):
     H.assert_grad_close(gt, gt_ref, dtype, unit=unit)
 
 
+
+def _bad_side_input_cases():
+    """(op family, argument, bad value maker): side inputs the kernels index as contiguous
+    arrays: a stride-0 expand, a short one, a wrong dtype."""
+    N = 6
+    return [
+        ("divergence", "grad_row", lambda: torch.ones(1).expand(N)),
+        ("divergence", "grad_row", lambda: torch.ones(N - 1)),
+        ("divergence", "stats", lambda: torch.zeros(N - 1, 4)),
+        ("divergence", "row_valid", lambda: torch.ones(N - 1, dtype=torch.bool)),
+        ("divergence", "row_valid", lambda: torch.ones(N, dtype=torch.int8)),
+        ("logprob", "grad_logp", lambda: torch.ones(1).expand(N)),
+        ("logprob", "stats", lambda: torch.zeros(N, 1)),
+        ("cdist", "weight", lambda: torch.ones(2, 3, 2)),
+        ("cdist", "lse_x", lambda: torch.zeros(5)),
+        ("cdist", "dot_x", lambda: torch.zeros(12)[::2]),
+        ("cdist", "row_valid", lambda: torch.ones(5, dtype=torch.bool)),
+    ]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("family,arg,make_bad", _bad_side_input_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_ops_direct_reject_bad_side_inputs(backend, family, arg, make_bad):
+    """Direct op calls (not the public functions, which build these inputs themselves) with a
+    side input the kernel would read past or through the wrong stride: an error naming it."""
+    ops = torch.ops.pykernels
+    prefix = "triton_" if backend == "triton" else ""
+    s, t, row_valid = op_inputs("jsd")  # [2, 3, 13], N = 6
+    if family == "divergence":
+        _, stats = forward_op(backend)(s, t, row_valid, 1, 0.5, 1.0)
+        args = dict(grad_row=torch.ones(6), s=s, t=t, row_valid=row_valid, stats=stats)
+        args[arg] = make_bad()
+        call = lambda: backward_op(backend)(*args.values(), 1, 0.5, 1.0, True, True)
+    elif family == "logprob":
+        tok = torch.zeros(6, dtype=torch.int64)
+        _, _, stats = getattr(ops, prefix + "token_logprob_forward")(s, tok, 1.0, True)
+        args = dict(grad_logp=torch.ones(6), grad_entropy=torch.ones(6), z=s, tok=tok,
+                    stats=stats)
+        args[arg] = make_bad()
+        call = lambda: getattr(ops, prefix + "token_logprob_backward")(*args.values(), 1.0)
+    else:
+        x, y = s[:, :, :7].contiguous(), t[:, :, :7].contiguous()  # [Bt=2, G=3, V=7]
+        C, A, lse_x, lse_y = getattr(ops, prefix + "softmax_cdist_forward")(x, y, row_valid, 1, 1.0)
+        dot_x = torch.zeros(6)
+        args = dict(weight=torch.ones(2, 3, 3), x=x, y=y, lse_x=lse_x, lse_y=lse_y, dot_x=dot_x,
+                    row_valid=row_valid)
+        args[arg] = make_bad()
+        call = lambda: getattr(ops, prefix + "softmax_cdist_backward")(*args.values(), 1, 1.0)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=arg):
+        call()
+
 # ----------------------------------------------------------------------------- opcheck
 
 

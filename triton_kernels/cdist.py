@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import _exp, _identity, _launch_config, _launch_guard, _log, _rescale
+from .divergence import (_check_side, _exp, _identity, _launch_config, _launch_guard, _log,
+                         _rescale)
 
 __all__ = ["softmax_cdist_forward", "softmax_cdist_backward"]
 
@@ -173,6 +174,21 @@ def _check_rows(name, x):
         raise ValueError(f"{name} must be fp32/fp16/bf16, got {x.dtype}")
 
 
+def _check_pair(x, y, row_valid, x_name, y_name):
+    _check_rows(x_name, x)
+    _check_rows(y_name, y)
+    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(f"{x_name} {tuple(x.shape)} and {y_name} {tuple(y.shape)} need the same "
+                         f"batch and vocabulary sizes")
+    if x.dtype != y.dtype or x.device != y.device:
+        raise ValueError(f"{x_name} ({x.dtype} on {x.device}) and {y_name} ({y.dtype} on "
+                         f"{y.device}) need one dtype and device")
+    if row_valid is not None:
+        if x.shape[1] != y.shape[1]:
+            raise ValueError("row_valid needs as many rows on both sides")
+        _check_side("row_valid", row_valid, (x.shape[0] * x.shape[1],), torch.bool, x)
+
+
 def _tiles(cost: int, device):
     """(BI, BJ, BV, num_warps, dot precision) per cost; tl.dot needs every dim >= 16. Under
     the interpreter (CPU tensors) each block op costs far more than its elements, so the
@@ -201,8 +217,7 @@ def _row_lse(x, row_valid, inv_t, wrap):
 def softmax_cdist_forward(student, teacher, row_valid, cost: int, inv_t: float, *, _wrap=None):
     """(C [Bt, Gs, Gt], A [Bt, Gs, Gt], lse_s [Bt*Gs], lse_t [Bt*Gt]), fp32, for student
     [Bt, Gs, V] and teacher [Bt, Gt, V] (see the module docstring)."""
-    _check_rows("student", student)
-    _check_rows("teacher", teacher)
+    _check_pair(student, teacher, row_valid, "student", "teacher")
     if cost not in (COST_L1, COST_SQEUCLIDEAN):
         raise ValueError(f"unknown cdist cost {cost}")
     Bt, Gs, V = student.shape
@@ -230,10 +245,15 @@ def softmax_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid, cost: i
                            *, _wrap=None):
     """dz_x [Bt, Gx, V] (contiguous, x's dtype) for weight [Bt, Gx, Gy] (fp32 contiguous), the
     saved lse of both sides and dot_x [Bt*Gx] (see the module docstring)."""
-    _check_rows("x", x)
-    _check_rows("y", y)
+    _check_pair(x, y, row_valid, "x", "y")
+    if cost not in (COST_L1, COST_SQEUCLIDEAN):
+        raise ValueError(f"unknown cdist cost {cost}")
     Bt, Gx, V = x.shape
     Gy = y.shape[1]
+    _check_side("weight", weight, (Bt, Gx, Gy), torch.float32, x)
+    _check_side("lse_x", lse_x, (Bt * Gx,), torch.float32, x)
+    _check_side("lse_y", lse_y, (Bt * Gy,), torch.float32, x)
+    _check_side("dot_x", dot_x, (Bt * Gx,), torch.float32, x)
     grad = torch.empty((Bt, Gx, V), dtype=x.dtype, device=x.device)
     if grad.numel() == 0:
         return grad

@@ -391,8 +391,20 @@ def _check_inputs(student, teacher):
             f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     if student.dtype != teacher.dtype:
         raise ValueError(f"student/teacher dtypes differ: {student.dtype} vs {teacher.dtype}")
+    if student.device != teacher.device:
+        raise ValueError(f"student on {student.device}, teacher on {teacher.device}")
     if student.shape[2] > 1 and (student.stride(2) != 1 or teacher.stride(2) != 1):
         raise ValueError("student/teacher must have stride(2) == 1")
+
+
+def _check_side(name, t, shape, dtype, like):
+    """The kernels read side inputs (masks, saved stats, row gradients) as contiguous arrays of
+    `shape` on the logits' device: a short, strided or foreign one would be read past its end."""
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous() \
+            or t.device != like.device:
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} {list(shape)} tensor on {like.device}, got "
+            f"{t.dtype} {list(t.shape)} strides {t.stride()} on {t.device}")
 
 
 def _identity(kernel):
@@ -430,6 +442,8 @@ def divergence_forward(student, teacher, row_valid, kind: int, w: float, inv_t: 
     _check_inputs(student, teacher)
     B, T, V = student.shape
     N = B * T
+    if row_valid is not None:
+        _check_side("row_valid", row_valid, (N,), torch.bool, student)
     dev = student.device
     row_loss = torch.empty(N, dtype=torch.float32, device=dev)
     stats = torch.empty((N, STATS_WIDTH), dtype=torch.float32, device=dev)
@@ -462,6 +476,10 @@ def divergence_backward(grad_row, student, teacher, row_valid, stats, kind: int,
     _check_inputs(student, teacher)
     B, T, V = student.shape
     N = B * T
+    _check_side("grad_row", grad_row, (N,), torch.float32, student)
+    _check_side("stats", stats, (N, STATS_WIDTH), torch.float32, student)
+    if row_valid is not None:
+        _check_side("row_valid", row_valid, (N,), torch.bool, student)
     dev = student.device
     gs = torch.empty((B, T, V) if student_grad else (0,), dtype=student.dtype, device=dev)
     gt = torch.empty((B, T, V) if teacher_grad else (0,), dtype=teacher.dtype, device=dev)

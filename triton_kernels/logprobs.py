@@ -19,6 +19,7 @@ from .divergence import (
     _exp,
     _identity,
     _launch_config,
+    _check_side,
     _launch_guard,
     _log,
     _rescale,
@@ -157,12 +158,6 @@ def _check_inputs(logits, tokens):
     return n
 
 
-def _check_rows(name, t, n):
-    if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != n or not t.is_contiguous():
-        raise ValueError(
-            f"{name} must be a contiguous fp32 [{n}] tensor, got {t.dtype} {tuple(t.shape)}")
-
-
 def token_logprob_forward(logits, tokens, inv_t: float, with_entropy: bool,
                           *, _wrap=None, _block_v=None):
     """Token log-probs (and entropy) of softmax(logits * inv_t) in one read of the logits.
@@ -204,13 +199,11 @@ def token_logprob_backward(grad_logp, grad_entropy, logits, tokens, stats, inv_t
     n = _check_inputs(logits, tokens)
     B, T, V = logits.shape
     dev = logits.device
-    _check_rows("grad_logp", grad_logp, n)
+    _check_side("grad_logp", grad_logp, (n,), torch.float32, logits)
     has_grad_ent = grad_entropy.numel() != 0
     if has_grad_ent:
-        _check_rows("grad_entropy", grad_entropy, n)
-    if stats.dtype != torch.float32 or tuple(stats.shape) != (n, STATS_WIDTH) \
-            or not stats.is_contiguous():
-        raise ValueError(f"stats must be a contiguous fp32 [{n}, 2] tensor")
+        _check_side("grad_entropy", grad_entropy, (n,), torch.float32, logits)
+    _check_side("stats", stats, (n, STATS_WIDTH), torch.float32, logits)
     grad = torch.empty((B, T, V), dtype=logits.dtype, device=dev)
     if n == 0 or V == 0:
         return grad
