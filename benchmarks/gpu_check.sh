@@ -26,7 +26,7 @@ log "built in $((SECONDS - t0)) s"
 python -c "import pykernels as pk; print('backends:', pk.available_backends(), 'cuda tensors:', pk.available_backends('cuda'))"
 
 log "GPU tests"
-timeout 150 python -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tail -25
+timeout 150 python -m pytest tests -m gpu -q --maxfail=10 -p no:cacheprovider 2>&1 | tail -60
 tests_rc=${PIPESTATUS[0]}
 log "GPU tests rc=$tests_rc"
 
