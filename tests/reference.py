@@ -13,7 +13,7 @@ Per row, after temperature:
     tvd                1/2 sum |p - q|
     hellinger          1/2 sum (sqrt p - sqrt q)^2
 No T^2 factor.  0 log 0 = 0; p > 0 where q = 0 gives +inf.  A row containing a NaN logit
-is NaN.
+is NaN, and so is a row whose student or teacher logits are all -inf (no softmax exists).
 
 Everything is computed in float64 from the given values (low-precision inputs are upcast
 exactly).  All masking uses the "safe where" pattern (both branches finite where they are
@@ -141,7 +141,9 @@ def row_divergence(
     else:  # pragma: no cover
         raise AssertionError(kind)
 
-    row_nan = torch.isnan(zs).any(-1) | torch.isnan(zt).any(-1)
+    # A row that is -inf throughout has no softmax (eager's log_softmax is NaN there).
+    row_nan = (torch.isnan(zs).any(-1) | torch.isnan(zt).any(-1)
+               | torch.isneginf(zs).all(-1) | torch.isneginf(zt).all(-1))
     if row_nan.any():
         val = torch.where(row_nan, torch.full_like(val, math.nan), val)
     return val

@@ -232,7 +232,8 @@ def test_custom_ignore_index_and_label_dtype(backend, label_dtype):
 @pytest.mark.parametrize(
     "backend,reduction,nib",
     _params(_b(), ("reduction", ["batchmean", "mean"], ["batchmean", "mean"]),
-            ("nib", ["int", "int64_0d", "float32_0d"], ["int", "int64_0d", "float32_0d"])),
+            ("nib", ["int", "int64_0d", "float32_0d", "below_1"],
+             ["int", "int64_0d", "float32_0d", "below_1"])),
 )
 @pytest.mark.parametrize("case", [("jsd", {"beta": 0.5}), ("reverse_kl", {})],
                          ids=["jsd", "reverse_kl"])
@@ -242,7 +243,9 @@ def test_num_items_in_batch(backend, reduction, nib, case):
     s, t = H.make_pair((2, 4, 30), FP32, seed=34)
     labels = H.make_labels((2, 4), seed=2, frac_ignored=0.3)
     # an int, or a 0-dim tensor as Hugging Face's Trainer passes it
-    n = {"int": 13, "int64_0d": torch.tensor(13), "float32_0d": torch.tensor(13.0)}[nib]
+    # (below 1: the divisor is what was given, not clamped to 1 as the kept-row count is)
+    n = {"int": 13, "int64_0d": torch.tensor(13), "float32_0d": torch.tensor(13.0),
+         "below_1": 0.25}[nib]
     H.check_against_oracle(kind, params, s, t, backend=backend, labels=labels,
                            reduction=reduction, num_items_in_batch=n)
 
@@ -332,6 +335,28 @@ def test_neg_inf_non_matching_positions(backend, case, which):
     H.check_against_oracle(kind, params, s, t, backend=backend, reduction="none",
                            grads_on_finite_rows_only=True)
 
+
+@pytest.mark.parametrize("backend,case", _params(_b(), _cases()))
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("V", [5, 2100], ids=["V5", "V2100"])  # one L1 block, two (CPU: 2048)
+def test_row_of_neg_inf_only_gives_nan(backend, case, side, V):
+    """A row that is -inf throughout has no softmax (eager's is NaN): its loss and its
+    gradients are NaN as the oracle's are, never a finite value from zero probabilities; the
+    other rows are unaffected."""
+    if backend == "triton" and V > 5:
+        pytest.skip("interpreter: the one-block case covers the Triton kernels")
+    kind, params = case
+    s, t = H.make_pair((3, V), FP32, seed=52, kind=kind)
+    (s if side == "student" else t)[1] = -math.inf
+    H.check_against_oracle(kind, params, s, t, backend=backend, reduction="none",
+                           grads_on_finite_rows_only=True)
+    a, b = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    out = H.pk().divergence(a, b, kind=kind, reduction="none", backend=backend, **params)
+    out.sum().backward()
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all(), out
+    # the side without a softmax has no gradient either (eager: NaN throughout the row)
+    g = a.grad if side == "student" else b.grad
+    assert g[1].isnan().all(), g[1]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_kl_is_plus_inf_when_student_has_zero_mass(backend):

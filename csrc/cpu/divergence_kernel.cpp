@@ -220,7 +220,12 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
 
 // Factor turning an exponential kept in pass 1 (taken against the block's running max m_blk)
 // into a probability: exp(m_blk - m) / sum. Blocks seen before any finite entry kept zeros.
-float prob_factor(float m_blk, float lse) { return m_blk == -INFINITY ? 0.f : ::expf(m_blk - lse); }
+// A row that is -inf throughout has no softmax (eager's is NaN, exp(-inf - -inf)): NaN, not
+// the zeros its kept exponentials hold.
+float prob_factor(float m_blk, float lse) {
+  if (lse == -INFINITY) return NAN;
+  return m_blk == -INFINITY ? 0.f : ::expf(m_blk - lse);
+}
 
 // Probabilities of a block recomputed from the row's log-sum-exp (backward pass).
 struct ProbsFromLse {
