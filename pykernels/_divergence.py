@@ -3,6 +3,8 @@ per-row op on the chosen backend, reduce. Public functions in functional.py only
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _backend, _kinds, _registry, _validate
@@ -15,10 +17,14 @@ def row_valid_mask(labels: torch.Tensor | None, ignore_index: int) -> torch.Tens
 
 
 def _count(num_items_in_batch, row_valid: torch.Tensor | None, rows: int):
-    """The batchmean divisor before clamping: a number or a 0-dim tensor (never synced)."""
+    """The batchmean divisor: num_items_in_batch as given (a number or a 0-dim tensor, never
+    synced; dividing by it is what the caller's eager code does), else the kept rows, at least
+    1 (all rows ignored: loss 0)."""
     if num_items_in_batch is not None:
         return num_items_in_batch
-    return rows if row_valid is None else row_valid.sum()
+    if row_valid is None:
+        return max(rows, 1)
+    return row_valid.sum().clamp_min(1)
 
 
 def row_weight_hint(backend: str, reduction: str, num_items_in_batch, row_valid, rows: int,
@@ -31,7 +37,9 @@ def row_weight_hint(backend: str, reduction: str, num_items_in_batch, row_valid,
             or torch.compiler.is_compiling()):
         return 1.0
     count = _count(num_items_in_batch, row_valid, rows)
-    count = max(float(count.item() if isinstance(count, torch.Tensor) else count), 1.0)
+    count = float(count.item() if isinstance(count, torch.Tensor) else count)
+    if not (math.isfinite(count) and count > 0):
+        return 1.0  # only a hint: the backward rescales by the factor the reduction applied
     return 1.0 / (count * vocab if reduction == "mean" else count)
 
 
@@ -51,9 +59,7 @@ def reduce_rows(
         return total
     count = _count(num_items_in_batch, row_valid, rows.numel())  # a tensor stays a tensor
     if isinstance(count, torch.Tensor):
-        count = count.to(total.dtype).clamp_min(1)
-    else:
-        count = max(count, 1)
+        count = count.to(total.dtype)
     if reduction == "mean":
         count = count * vocab
     return total / count

@@ -18,6 +18,22 @@ KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"
 KIND_PARAM = {"jsd": ("beta", 0.5), "skew_forward_kl": ("alpha", 0.1), "skew_reverse_kl": ("alpha", 0.1)}
 
 
+def kind_param(kind: str, beta: float | None, alpha: float | None) -> float | None:
+    """The parameter of `kind` from the beta / alpha keywords (its default when not given).
+    A keyword the kind does not take is an error, not silently ignored. Unknown kinds are
+    left to the caller's validation."""
+    given = {"beta": beta, "alpha": alpha}
+    if not (isinstance(kind, str) and kind in KINDS):
+        return None
+    takes, default = KIND_PARAM.get(kind, (None, None))
+    for name, value in given.items():
+        if value is not None and name != takes:
+            raise TypeError(f"kind={kind!r} takes no {name} (got {name}={value!r})")
+    if takes is None:
+        return None
+    return default if given[takes] is None else given[takes]
+
+
 class KernelCall(NamedTuple):
     kind: int  # kernel kind
     w: float  # beta or alpha in the kernel's frame (0 when unused)

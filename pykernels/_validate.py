@@ -124,8 +124,8 @@ def num_items_in_batch(value, device: torch.device):
         return value.to(device=device).reshape(())  # value not inspected: that would sync
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"num_items_in_batch must be a number or a tensor, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"num_items_in_batch must be finite and > 0, got {value}")
     return value
 
 

@@ -21,7 +21,7 @@ import torch
 
 from . import _sinkhorn
 from ._divergence import divergence_loss
-from ._kinds import KIND_PARAM
+from ._kinds import kind_param
 
 
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "jsd", *,
@@ -31,11 +31,7 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
                backend: str = "auto") -> torch.Tensor:
     """Divergence of kind `kind` ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
     "skew_reverse_kl", "tvd", "hellinger"); `beta` for jsd, `alpha` for the skew kinds."""
-    param = None
-    if kind in KIND_PARAM:
-        name, default = KIND_PARAM[kind]
-        param = {"beta": beta, "alpha": alpha}[name]
-        param = default if param is None else param
+    param = kind_param(kind, beta, alpha)
     return divergence_loss(kind, student_logits, teacher_logits, param, temperature, labels,
                            ignore_index, reduction, num_items_in_batch, backend)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import functional
-from ._kinds import KINDS
+from ._kinds import KINDS, kind_param
 
 
 class DistillationLoss(torch.nn.Module):
@@ -23,6 +23,7 @@ class DistillationLoss(torch.nn.Module):
         unknown = set(params) - allowed
         if unknown:
             raise TypeError(f"DistillationLoss got unknown keyword(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        kind_param(kind, params.get("beta"), params.get("alpha"))  # a stray beta / alpha raises now
         self.kind = kind
         self.params = params
 

@@ -195,11 +195,24 @@ def test_alpha_outside_unit_interval(backend, name, alpha):
         H.pk().nn.DistillationLoss(kind=name, alpha=alpha, backend=backend)(s, t)
 
 
-@pytest.mark.parametrize("num_items", [0, -3, "13"], ids=["0", "-3", "str"])
+@pytest.mark.parametrize("num_items", [0, -3, "13", math.inf, math.nan],
+                         ids=["0", "-3", "str", "inf", "nan"])
 def test_bad_num_items_in_batch(num_items):
     s, t = pair()
     with pytest.raises(BAD, match="num_items_in_batch"):
         H.pk().forward_kl(s, t, num_items_in_batch=num_items)
+
+
+@pytest.mark.parametrize("kind,stray", [("jsd", "alpha"), ("forward_kl", "beta"),
+                                        ("skew_reverse_kl", "beta"), ("tvd", "alpha")])
+def test_parameter_the_kind_does_not_take(kind, stray):
+    """beta for a skew kind, alpha for jsd, either for a kind without a parameter: an error,
+    not a silently ignored keyword."""
+    s, t = pair()
+    with pytest.raises(TypeError, match=stray):
+        H.pk().divergence(s, t, kind=kind, **{stray: 0.3})
+    with pytest.raises(TypeError, match=stray):
+        H.pk().nn.DistillationLoss(kind=kind, **{stray: 0.3})
 
 
 # ----------------------------------------------------------------------------- names
