@@ -52,7 +52,8 @@ TORCH_LIBRARY(pykernels, m) {
       "token_logprob_forward(Tensor logits, Tensor tokens, float inv_temperature, "
       "bool with_entropy) -> (Tensor, Tensor, Tensor)");
   // Gradient w.r.t. the logits of sum_r grad_logp[r] * logp[r] + grad_entropy[r] * H[r]
-  // (grad_entropy may be empty: no entropy term).
+  // (grad_entropy may be empty: no entropy term). A token outside [0, V) adds no one-hot
+  // term (-inv_T grad_logp q alone): selective_log_softmax's K form scatters its own in.
   m.def(
       "token_logprob_backward(Tensor grad_logp, Tensor grad_entropy, Tensor logits, "
       "Tensor tokens, Tensor stats, float inv_temperature) -> Tensor");

@@ -461,11 +461,55 @@ def token_logprob_rows(backend: str, logits, tokens, inv_temperature: float, wit
     tokens is the flattened [N] int32/int64 tensor, already range-checked."""
     if backend == "torch":
         return _torch_backend.token_logprob_rows(logits, tokens, inv_temperature, with_entropy)
-    op = (torch.ops.pykernels.triton_token_logprob_forward if backend == "triton"
-          else torch.ops.pykernels.token_logprob_forward)
-    logp, entropy, _ = op(logits, tokens, inv_temperature, with_entropy)
+    logp, entropy, _ = _token_logprob_ops(backend)[0](logits, tokens, inv_temperature, with_entropy)
     return logp, (entropy if with_entropy else None)
 
+
+
+class _TokenLogprobsK(torch.autograd.Function):
+    """K token log-probs per row from one read of the logits: the forward op gives each row's
+    lse (for the first token; its log-prob is recomputed with the others), the rest is a
+    gather. The gradient is one backward-op pass with no token, which writes
+    -inv_t * (sum_k g_k) q, plus the K one-hot terms scattered in: one N x V buffer, rounded
+    once outside the K positions (K separate ops would round and hold it K times)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, inv_temperature, backend):
+        N, K = tokens.shape
+        forward_op, _ = _token_logprob_ops(backend)
+        _, _, stats = forward_op(logits, tokens[:, 0].contiguous(), inv_temperature, False)
+        idx = tokens.long()
+        picked = logits.gather(-1, idx.view(*logits.shape[:-1], K)).reshape(N, K)
+        ctx.save_for_backward(logits, idx, stats)
+        ctx.inv_temperature, ctx.backend = inv_temperature, backend
+        return picked.float() * inv_temperature - stats[:, :1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, idx, stats = ctx.saved_tensors
+        inv_t = ctx.inv_temperature
+        no_token = torch.full((idx.shape[0],), -1, dtype=torch.int64, device=idx.device)
+        grad_sum = grad.float().sum(-1).contiguous()
+        empty = grad_sum.new_empty((0,))
+        dz = _token_logprob_ops(ctx.backend)[1](grad_sum, empty, logits, no_token, stats, inv_t)
+        dz.view(-1, dz.shape[-1]).scatter_add_(1, idx, (grad.float() * inv_t).to(dz.dtype))
+        return dz, None, None, None
+
+
+def _token_logprob_ops(backend: str):
+    """(forward op, backward op) of the token log-prob kernels of a kernel backend."""
+    ops = torch.ops.pykernels
+    if backend == "triton":
+        return ops.triton_token_logprob_forward, ops.triton_token_logprob_backward
+    return ops.token_logprob_forward, ops.token_logprob_backward  # cpu / cuda: one C++ op
+
+
+def token_logprobs_k(backend: str, logits, tokens, inv_temperature: float):
+    """Log-probs [N, K] fp32 of K tokens per row (tokens [N, K] int32/int64, range-checked),
+    differentiable, from one read of the logits on the resolved backend."""
+    if backend == "torch":
+        return _torch_backend.token_logprob_rows(logits, tokens, inv_temperature, False)[0]
+    return _TokenLogprobsK.apply(logits, tokens, inv_temperature, backend)
 
 def softmax_cdist_3d(backend: str, student, teacher, row_valid, cost: int, inv_temperature: float):
     """C [Bt, Gs, Gt] (fp32) between the softmax rows of [Bt, Gs, V] and [Bt, Gt, V] views with

@@ -85,11 +85,13 @@ def divergence_rows(
 
 def token_logprob_rows(logits: torch.Tensor, tokens: torch.Tensor, inv_temperature: float,
                        with_entropy: bool):
-    """Token log-probs [N] and (with_entropy) entropies [N] of softmax(logits * inv_t)."""
+    """Token log-probs [N] (tokens [N]) or [N, K] (tokens [N, K]) and (with_entropy)
+    entropies [N] of softmax(logits * inv_t)."""
     V = logits.shape[-1]
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     lq = torch.log_softmax(logits.reshape(-1, V).to(compute) * inv_temperature, dim=-1)
-    logp = lq.gather(-1, tokens.reshape(-1, 1).long()).squeeze(-1)
+    idx = tokens.long()
+    logp = lq.gather(-1, idx[:, None]).squeeze(-1) if idx.dim() == 1 else lq.gather(-1, idx)
     entropy = -_xmul0(lq.exp(), lq).sum(-1) if with_entropy else None
     return logp, entropy
 

@@ -20,19 +20,21 @@ from . import _backend, _registry, _validate
 from .functional import divergence
 
 
-def _check_tokens(name: str, tokens, logits: torch.Tensor) -> torch.Tensor:
-    """The flattened [N] token tensor, after checking dtype, shape and range (the range check
-    reads the values on CPU; on CUDA it is an asynchronous device assert, no host sync)."""
+def _check_tokens(name: str, tokens, logits: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """The flattened [N] token tensor ([N, K] with per_row: K tokens per position), after
+    checking dtype, shape and range (the range check reads the values on CPU; on CUDA it is an
+    asynchronous device assert, no host sync)."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {tokens.dtype}")
-    if tokens.shape != logits.shape[:-1]:
-        raise ValueError(f"{name} must have the logits' leading shape {tuple(logits.shape[:-1])}, "
-                         f"got {tuple(tokens.shape)}")
+    lead = tokens.shape[:-1] if per_row else tokens.shape
+    if lead != logits.shape[:-1]:
+        raise ValueError(f"{name} must have the logits' leading shape {tuple(logits.shape[:-1])}"
+                         f"{' + (K,)' if per_row else ''}, got {tuple(tokens.shape)}")
     if tokens.device != logits.device:
         raise ValueError(f"{name} is on {tokens.device} but the logits are on {logits.device}")
-    flat = tokens.reshape(-1)
+    flat = tokens.reshape(-1, tokens.shape[-1]) if per_row else tokens.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
         flat = flat.long()
     flat = flat.contiguous()
@@ -148,11 +150,13 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """TRL's selective_log_softmax: log_softmax(logits).gather(-1, index). `index` has the
-    logits' leading shape (one token per position) or [..., K] (K tokens per position; each of
-    the K reads the logits once)."""
+    logits' leading shape (one token per position) or [..., K] (K tokens per position, from one
+    read of the logits and one gradient buffer)."""
     if isinstance(index, torch.Tensor) and isinstance(logits, torch.Tensor) and index.dim() == logits.dim():
         if index.shape[-1] == 0:
             return logits.new_empty(index.shape, dtype=torch.float32)
-        return torch.stack([_token_logprob(logits, index[..., k], 1.0, False, "auto", name="index")[0]
-                            for k in range(index.shape[-1])], dim=-1)
+        _validate.logits("logits", logits)
+        backend = _backend.resolve_backend("auto", logits)
+        flat = _check_tokens("index", index, logits, per_row=True)
+        return _registry.token_logprobs_k(backend, logits, flat, 1.0).reshape(index.shape)
     return _token_logprob(logits, index, 1.0, False, "auto", name="index")[0]

@@ -892,7 +892,7 @@ def test_dropin_entropy_from_logits(force_backend, shape, dtype):
 
 
 @pytest.mark.parametrize("force_backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("index_form", ["rows", "K1", "K3"])
+@pytest.mark.parametrize("index_form", ["rows", "K1", "K3", "K8"])
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
 def test_dropin_selective_log_softmax(force_backend, index_form, dtype, idx_dtype):
@@ -904,9 +904,9 @@ def test_dropin_selective_log_softmax(force_backend, index_form, dtype, idx_dtyp
     if index_form == "rows":
         index = torch.randint(0, 61, (2, 3), generator=g)
     else:
-        K = 1 if index_form == "K1" else 3
+        K = int(index_form[1:])
         index = torch.randint(0, 61, (2, 3, K), generator=g)
-        if K == 3:
+        if K > 1:
             index[0, 0, 2] = index[0, 0, 0]  # a repeated index
     index = index.to(idx_dtype)
     x = z.clone().requires_grad_(True)
@@ -924,6 +924,53 @@ def test_dropin_selective_log_softmax(force_backend, index_form, dtype, idx_dtyp
     H.assert_grad_close(x.grad, g64, dtype, what=f"selective_log_softmax grad {index_form}",
                         unit=H.grad_ulp_unit(z64, z64, 1.0, w))
 
+
+
+@pytest.mark.parametrize("force_backend", KERNEL_BACKENDS, indirect=True)
+def test_selective_log_softmax_k_form_reads_the_logits_once(force_backend):
+    """[..., K] index: one forward and one backward op for all K (not K of each, which held K
+    N x V gradients), on strided logits (a causal slice) without a copy of them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    z = H.make_logits((2, 6, 45), FP32, seed=97)
+    x = z.clone().requires_grad_(True)
+    index = torch.randint(0, 45, (2, 5, 4), generator=torch.Generator().manual_seed(97))
+    with CountOps() as mode:
+        out = rl().selective_log_softmax(x[:, :-1], index)
+        out.backward(H.make_grad_output(tuple(out.shape), 98))
+    fwd = [n for n in mode.names if "token_logprob_forward" in n]
+    bwd = [n for n in mode.names if "token_logprob_backward" in n]
+    assert len(fwd) == 1 and len(bwd) == 1, mode.names
+    z64 = z.to(F64).requires_grad_(True)
+    exp = R.selective_log_softmax(z64[:, :-1], index)
+    assert_dropin_values(out, exp, FP32, "selective_log_softmax K=4 on a slice")
+    (g64,) = torch.autograd.grad(exp, z64, H.make_grad_output(tuple(out.shape), 98).to(F64))
+    H.assert_grad_close(x.grad, g64, FP32, what="selective_log_softmax K=4 grad on a slice")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_op_without_a_token_has_no_one_hot_term(backend):
+    """A token outside [0, V) in the backward op adds no one-hot term: the gradient is
+    -inv_t * grad_logp * q (selective_log_softmax's K form scatters its K one-hot terms in)."""
+    prefix = "triton_" if backend == "triton" else ""
+    fwd = getattr(torch.ops.pykernels, prefix + "token_logprob_forward")
+    bwd = getattr(torch.ops.pykernels, prefix + "token_logprob_backward")
+    z = H.make_logits((5, 37), FP32, seed=99)
+    inv_t = 1.0 / 1.3
+    _, _, stats = fwd(z, torch.zeros(5, dtype=torch.int64), inv_t, False)
+    g = H.make_grad_output((5,), 99)
+    got = bwd(g, torch.empty(0), z, torch.full((5,), -1, dtype=torch.int64), stats, inv_t)
+    q = torch.softmax(z.to(F64) * inv_t, dim=-1)
+    H.assert_grad_close(got, -inv_t * g.to(F64)[:, None] * q, FP32, what="no-token backward")
 
 def test_dropins_default_backend_and_causal_slice():
     """Plain calls (backend "auto") on the causal-LM slice, fp32."""
