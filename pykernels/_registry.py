@@ -465,7 +465,6 @@ def token_logprob_rows(backend: str, logits, tokens, inv_temperature: float, wit
     return logp, (entropy if with_entropy else None)
 
 
-
 class _TokenLogprobsK(torch.autograd.Function):
     """K token log-probs per row from one read of the logits: the forward op gives each row's
     lse (for the first token; its log-prob is recomputed with the others), the rest is a
@@ -510,6 +509,7 @@ def token_logprobs_k(backend: str, logits, tokens, inv_temperature: float):
     if backend == "torch":
         return _torch_backend.token_logprob_rows(logits, tokens, inv_temperature, False)[0]
     return _TokenLogprobsK.apply(logits, tokens, inv_temperature, backend)
+
 
 def softmax_cdist_3d(backend: str, student, teacher, row_valid, cost: int, inv_temperature: float):
     """C [Bt, Gs, Gt] (fp32) between the softmax rows of [Bt, Gs, V] and [Bt, Gt, V] views with

@@ -174,7 +174,9 @@ def _check_rows(name, x):
         raise ValueError(f"{name} must be fp32/fp16/bf16, got {x.dtype}")
 
 
-def _check_pair(x, y, row_valid, x_name, y_name):
+def _check_pair(x, y, row_valid, cost, x_name, y_name):
+    if cost not in (COST_L1, COST_SQEUCLIDEAN):
+        raise ValueError(f"unknown cdist cost {cost}")
     _check_rows(x_name, x)
     _check_rows(y_name, y)
     if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
@@ -217,9 +219,7 @@ def _row_lse(x, row_valid, inv_t, wrap):
 def softmax_cdist_forward(student, teacher, row_valid, cost: int, inv_t: float, *, _wrap=None):
     """(C [Bt, Gs, Gt], A [Bt, Gs, Gt], lse_s [Bt*Gs], lse_t [Bt*Gt]), fp32, for student
     [Bt, Gs, V] and teacher [Bt, Gt, V] (see the module docstring)."""
-    _check_pair(student, teacher, row_valid, "student", "teacher")
-    if cost not in (COST_L1, COST_SQEUCLIDEAN):
-        raise ValueError(f"unknown cdist cost {cost}")
+    _check_pair(student, teacher, row_valid, cost, "student", "teacher")
     Bt, Gs, V = student.shape
     Gt = teacher.shape[1]
     dev = student.device
@@ -245,9 +245,7 @@ def softmax_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid, cost: i
                            *, _wrap=None):
     """dz_x [Bt, Gx, V] (contiguous, x's dtype) for weight [Bt, Gx, Gy] (fp32 contiguous), the
     saved lse of both sides and dot_x [Bt*Gx] (see the module docstring)."""
-    _check_pair(x, y, row_valid, "x", "y")
-    if cost not in (COST_L1, COST_SQEUCLIDEAN):
-        raise ValueError(f"unknown cdist cost {cost}")
+    _check_pair(x, y, row_valid, cost, "x", "y")
     Bt, Gx, V = x.shape
     Gy = y.shape[1]
     _check_side("weight", weight, (Bt, Gx, Gy), torch.float32, x)

@@ -384,7 +384,7 @@ def _div_scalars(kind: int, w: float, inv_t: float):
     return w, log_w, log_1mw, float(inv_t)
 
 
-def _check_inputs(student, teacher):
+def _check_inputs(student, teacher, row_valid):
     if student.dim() != 3 or student.shape != teacher.shape:
         raise ValueError(
             f"student/teacher must be 3-D [B, T, V] of the same shape, got "
@@ -395,6 +395,9 @@ def _check_inputs(student, teacher):
         raise ValueError(f"student on {student.device}, teacher on {teacher.device}")
     if student.shape[2] > 1 and (student.stride(2) != 1 or teacher.stride(2) != 1):
         raise ValueError("student/teacher must have stride(2) == 1")
+    if row_valid is not None:
+        _check_side("row_valid", row_valid, (student.shape[0] * student.shape[1],), torch.bool,
+                    student)
 
 
 def _check_side(name, t, shape, dtype, like):
@@ -439,11 +442,9 @@ def divergence_forward(student, teacher, row_valid, kind: int, w: float, inv_t: 
     registration passes `torch.library.wrap_triton` so the launch is traceable. Default:
     launch directly. `_block_v` overrides the block size (tests).
     """
-    _check_inputs(student, teacher)
+    _check_inputs(student, teacher, row_valid)
     B, T, V = student.shape
     N = B * T
-    if row_valid is not None:
-        _check_side("row_valid", row_valid, (N,), torch.bool, student)
     dev = student.device
     row_loss = torch.empty(N, dtype=torch.float32, device=dev)
     stats = torch.empty((N, STATS_WIDTH), dtype=torch.float32, device=dev)
@@ -473,13 +474,11 @@ def divergence_backward(grad_row, student, teacher, row_valid, stats, kind: int,
     dtype, or an empty (numel 0) tensor of that dtype when not requested. Rows with
     row_valid False get exactly 0. `_wrap` / `_block_v`: see divergence_forward.
     """
-    _check_inputs(student, teacher)
+    _check_inputs(student, teacher, row_valid)
     B, T, V = student.shape
     N = B * T
     _check_side("grad_row", grad_row, (N,), torch.float32, student)
     _check_side("stats", stats, (N, STATS_WIDTH), torch.float32, student)
-    if row_valid is not None:
-        _check_side("row_valid", row_valid, (N,), torch.bool, student)
     dev = student.device
     gs = torch.empty((B, T, V) if student_grad else (0,), dtype=student.dtype, device=dev)
     gt = torch.empty((B, T, V) if teacher_grad else (0,), dtype=teacher.dtype, device=dev)

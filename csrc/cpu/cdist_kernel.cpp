@@ -166,16 +166,12 @@ PK_FLATTEN void slope_rows(const float* x, int64_t nr, const float* y, const flo
   }
 }
 
-template <typename scalar_t>
-void cdist_lse(const CdistForwardArgs& a) {
-  reduce_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.lse_s, row_lse<scalar_t>);
-  reduce_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.lse_t, row_lse<scalar_t>);
-}
-
-template <typename scalar_t>
-void cdist_max(const CdistForwardArgs& a) {
-  reduce_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.lse_s, row_max<scalar_t>);
-  reduce_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.lse_t, row_max<scalar_t>);
+// lse_s / lse_t = reduce(row) of both sides' rows (row_lse, or row_max for the squared
+// distance's slabs).
+template <typename scalar_t, typename RowReduce>
+void reduce_both_sides(const CdistForwardArgs& a, RowReduce reduce) {
+  reduce_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.lse_s, reduce);
+  reduce_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.lse_t, reduce);
 }
 
 template <typename scalar_t>
@@ -234,7 +230,7 @@ void sqeuclidean_grad(const SqEuclideanGradArgs& a) {
 template <typename scalar_t, int64_t Cost>
 void cdist_forward(const CdistForwardArgs& a) {
   const int64_t V = a.V, Gs = a.Gs, Gt = a.Gt;
-  cdist_lse<scalar_t>(a);
+  reduce_both_sides<scalar_t>(a, row_lse<scalar_t>);
   const int64_t tiles = (Gs + kTile - 1) / kTile;
   at::parallel_for(0, a.Bt * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(kTile * kVBlock), p(kVBlock), accC(kTile * Gt), accA(kTile * Gt);
@@ -338,7 +334,7 @@ struct BackwardFn {
 
 template <typename scalar_t>
 struct MaxFn {
-  static void run(const CdistForwardArgs& a) { cdist_max<scalar_t>(a); }
+  static void run(const CdistForwardArgs& a) { reduce_both_sides<scalar_t>(a, row_max<scalar_t>); }
 };
 
 template <typename scalar_t>
