@@ -33,7 +33,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(pykernels, m) {
   // Per-row divergence of kernel kind `kind` (pk_math.h DivKind) between softmax(student *
   // inv_temperature) and softmax(teacher * inv_temperature). Inputs are [B, T, V] views with
-  // unit vocabulary stride; returns (row_loss [B*T] fp32, stats [B*T, 4] fp32).
+  // unit vocabulary stride; returns (row_loss [B*T] fp32, stats [B*T, 6] fp32, the layout of
+  // pk_math.h kStat*).
   m.def(
       "divergence_forward(Tensor student, Tensor teacher, Tensor? row_valid, int kind, float w, "
       "float inv_temperature) -> (Tensor, Tensor)");
@@ -47,7 +48,7 @@ TORCH_LIBRARY(pykernels, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Token log-probability log softmax(logits * inv_temperature)[token] per row and, with
   // with_entropy, the entropy of that softmax; returns (logp [N], entropy [N] or empty,
-  // stats [N, 2] = (lse, entropy)) in fp32. logits is [..., V], tokens the flattened [N].
+  // stats [N, 3] = (max, log sum-exp against it, entropy)) in fp32. logits is [..., V], tokens the flattened [N].
   m.def(
       "token_logprob_forward(Tensor logits, Tensor tokens, float inv_temperature, "
       "bool with_entropy) -> (Tensor, Tensor, Tensor)");

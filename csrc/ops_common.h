@@ -49,7 +49,7 @@ inline void check_backward_inputs(const at::Tensor& grad_row, const at::Tensor& 
               "pykernels: grad_row must be a contiguous float32 [B*T] tensor");
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == N &&
                   stats.size(1) == math::kStatsWidth && stats.is_contiguous(),
-              "pykernels: stats must be a contiguous float32 [B*T, 4] tensor");
+              "pykernels: stats must be a contiguous float32 [B*T, 6] tensor");
 }
 
 // Views x and y (same shape [..., V]) as [B, T, V] with unit vocabulary stride, without a

@@ -31,12 +31,32 @@ enum DivKind : int64_t {
   kNumDivKinds = 5,
 };
 
+// A softmax row's normaliser, split into a reference max m and log S with S = sum exp(x - m),
+// rather than lse = m + log S: log q_i = (x_i - m) - log S then rounds only numbers the size
+// of x_i - m and log S, where x_i - lse inherits half an ulp of lse (|x| * 6e-8), an error
+// eager's max-shifted log_softmax does not make. m is the row max or, in the CPU kernel, a
+// running reference at most kMaxSlack below it; m = -inf (and log S = -inf) for a row with
+// no entry above -inf.
+struct LogNorm {
+  float m;
+  float log_s;
+};
+
+PK_HD LogNorm log_norm(float m, float s) { return {m, ::logf(s)}; }
+
+template <class Ops, class V>
+PK_HD V log_prob(V x, const LogNorm& n) {
+  return (x - Ops::splat(n.m)) - Ops::splat(n.log_s);
+}
+
 // Layout of the per-row stats tensor [N, kStatsWidth] saved for backward.
-constexpr int kStatLseQ = 0;  // log-sum-exp of s (student, after temperature)
-constexpr int kStatLseP = 1;  // log-sum-exp of t (teacher, after temperature)
-constexpr int kStatR0 = 2;    // kind-specific row scalar used by the student gradient
-constexpr int kStatR1 = 3;    // kind-specific row scalar used by the teacher gradient
-constexpr int kStatsWidth = 4;
+constexpr int kStatMaxQ = 0;     // LogNorm of s (student, after temperature): m ...
+constexpr int kStatLogSumQ = 1;  // ... and log S
+constexpr int kStatMaxP = 2;     // LogNorm of t (teacher, after temperature)
+constexpr int kStatLogSumP = 3;
+constexpr int kStatR0 = 4;       // kind-specific row scalar used by the student gradient
+constexpr int kStatR1 = 5;       // kind-specific row scalar used by the teacher gradient
+constexpr int kStatsWidth = 6;
 
 struct DivParams {
   int64_t kind;
@@ -149,15 +169,16 @@ PK_HD void skew_grad(const DivParams& P, V q, V p, V pq_m, V gp_base, float r0, 
   gp = xmul0<Ops, V>(p, gp_base - Ops::splat(r1));
 }
 
-// Forward KL straight from the statistics pass (no second pass): with e = exp(t - max_t),
-// KL(p||q) = sum e (t - s) / sum e - lse_p + lse_q. `fkl_cross_term` is one element of the
-// first sum (0 where e = 0, so a -inf teacher entry adds nothing).
+// Forward KL straight from the statistics pass (no second pass): with e = exp(t - m_t),
+// KL(p||q) = sum e (t - s) / S_t - lse_p + lse_q, and lse_q - lse_p = (m_s - m_t) + log(S_s / S_t)
+// so that no log-sum-exp of the logits' magnitude is rounded. `fkl_cross_term` is one element
+// of the first sum (0 where e = 0, so a -inf teacher entry adds nothing).
 template <class Ops, class V>
 PK_HD V fkl_cross_term(V e_t, V t, V s) {
   return xmul0<Ops, V>(e_t, t - s);
 }
-PK_HD float fkl_from_cross(float cross, float sum_t, float lse_p, float lse_q) {
-  return cross / sum_t - lse_p + lse_q;
+PK_HD float fkl_from_cross(float cross, float m_t, float sum_t, float m_s, float sum_s) {
+  return cross / sum_t + (m_s - m_t) + ::logf(sum_s / sum_t);
 }
 
 // ---- forward: per-element accumulators, then per-row finalisation ----
@@ -298,6 +319,13 @@ PK_HD V entropy_rebase(V c, V l, float f, float m_old, float m_new) {
 }
 
 PK_HD float entropy_from_sums(float c, float l) { return ::logf(l) - c / l; }
+
+// Layout of the token log-prob ops' per-row stats [N, kLogprobStatsWidth] saved for backward:
+// the row's LogNorm (m, log S) and its entropy H.
+constexpr int kLogprobStatMax = 0;
+constexpr int kLogprobStatLogSum = 1;
+constexpr int kLogprobStatEntropy = 2;
+constexpr int kLogprobStatsWidth = 3;
 
 // d(g_lp * logp + g_h * H) / d s_i without the one-hot part g_lp * 1[i == y], which the caller
 // adds at the token: -g_lp q_i - g_h q_i (log q_i + H), with q log q = 0 where q = 0.

@@ -4,7 +4,7 @@
 
 Every kernel backend exposes the same pair of ops (schemas in csrc/ops.cpp):
   *_divergence_forward(student, teacher, row_valid, kind, w, inv_temperature)
-      -> (row_loss [N] fp32, stats [N, 4] fp32)
+      -> (row_loss [N] fp32, stats [N, STATS_WIDTH] fp32)
   *_divergence_backward(grad_row, student, teacher, row_valid, stats, kind, w,
                         inv_temperature, student_grad, teacher_grad) -> (grad_student, grad_teacher)
 with student/teacher of shape [..., V]. Autograd saves only the inputs (no copies) and the
@@ -23,6 +23,12 @@ from . import _backend, _torch_backend
 
 _LIB = "pykernels"
 
+# Per-row floats the forward ops save for backward (csrc/pk_math.h kStatsWidth and
+# kLogprobStatsWidth; the Triton kernels use the same layouts): each softmax's normaliser as
+# (max, log sum-exp against it), then the divergence's two row scalars or the entropy.
+STATS_WIDTH = 6
+LOGPROB_STATS_WIDTH = 3
+
 
 def _rows(student: torch.Tensor) -> int:
     return math.prod(student.shape[:-1])
@@ -32,7 +38,7 @@ def _fake_forward(student, teacher, row_valid, kind, w, inv_temperature):
     n = _rows(student)
     return (
         student.new_empty((n,), dtype=torch.float32),
-        student.new_empty((n, 4), dtype=torch.float32),
+        student.new_empty((n, STATS_WIDTH), dtype=torch.float32),
     )
 
 
@@ -180,7 +186,7 @@ def _fake_logprob_forward(logits, tokens, inv_temperature, with_entropy):
     n = _rows(logits)
     f32 = dict(dtype=torch.float32)
     return (logits.new_empty((n,), **f32), logits.new_empty((n if with_entropy else 0,), **f32),
-            logits.new_empty((n, 2), **f32))
+            logits.new_empty((n, LOGPROB_STATS_WIDTH), **f32))
 
 
 def _fake_logprob_backward(grad_logp, grad_entropy, logits, tokens, stats, inv_temperature):
@@ -467,8 +473,8 @@ def token_logprob_rows(backend: str, logits, tokens, inv_temperature: float, wit
 
 class _TokenLogprobsK(torch.autograd.Function):
     """K token log-probs per row from one read of the logits: the forward op gives each row's
-    lse (for the first token; its log-prob is recomputed with the others), the rest is a
-    gather. The gradient is one backward-op pass with no token, which writes
+    normaliser (max m, log S; run for the first token, whose log-prob is recomputed with the
+    others), the rest is a gather: log q_y = (s_y - m) - log S. The gradient is one backward-op pass with no token, which writes
     -inv_t * (sum_k g_k) q, plus the K one-hot terms scattered in: one N x V buffer, rounded
     once outside the K positions (K separate ops would round and hold it K times)."""
 
@@ -481,7 +487,7 @@ class _TokenLogprobsK(torch.autograd.Function):
         picked = logits.gather(-1, idx.view(*logits.shape[:-1], K)).reshape(N, K)
         ctx.save_for_backward(logits, idx, stats)
         ctx.inv_temperature, ctx.backend = inv_temperature, backend
-        return picked.float() * inv_temperature - stats[:, :1]
+        return (picked.float() * inv_temperature - stats[:, 0:1]) - stats[:, 1:2]
 
     @staticmethod
     def backward(ctx, grad):

@@ -3,7 +3,7 @@ available_backends and the nn module.
 
 Registered ops (DESIGN.md):
   torch.ops.pykernels.divergence_forward(student3d, teacher3d, row_valid|None, kind, w, inv_T)
-      -> (row_loss [N] fp32, stats [N, 4] fp32)
+      -> (row_loss [N] fp32, stats [N, STATS_WIDTH] fp32)
   torch.ops.pykernels.divergence_backward(grad_row, student3d, teacher3d, row_valid, stats,
       kind, w, inv_T, student_grad, teacher_grad) -> (grad_student, grad_teacher)
   torch.ops.pykernels.triton_divergence_forward / triton_divergence_backward (same schemas)
@@ -19,6 +19,7 @@ import torch
 import helpers as H
 import reference as ref
 from helpers import BF16, FP16, FP32
+from pykernels._registry import LOGPROB_STATS_WIDTH, STATS_WIDTH
 
 BACKENDS = H.cpu_backends()
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
@@ -111,14 +112,14 @@ def test_every_listed_backend_runs_cpu_tensors(backend):
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
 def test_forward_backward_ops_direct(backend, kk, with_mask):
     """The registered ops on [B, T, V]: row_loss per row (0 at invalid rows), stats
-    [N, 4] fp32, and the backward op's gradients for a given grad_row."""
+    [N, STATS_WIDTH] fp32, and the backward op's gradients for a given grad_row."""
     kind_int, w, kind, params = kk
     T = 1.25
     s, t, row_valid = op_inputs(kind, with_mask=with_mask)
     row_loss, stats = forward_op(backend)(s, t, row_valid, kind_int, w, 1.0 / T)
     N = s.shape[0] * s.shape[1]
     assert row_loss.shape == (N,) and row_loss.dtype == FP32
-    assert stats.shape == (N, 4) and stats.dtype == FP32
+    assert stats.shape == (N, STATS_WIDTH) and stats.dtype == FP32
     expected = ref.row_divergence(s, t, kind, **params, temperature=T).reshape(N)
     if row_valid is not None:
         expected = torch.where(row_valid, expected, torch.zeros_like(expected))
@@ -169,11 +170,13 @@ def _bad_side_input_cases():
     return [
         ("divergence", "grad_row", lambda: torch.ones(1).expand(N)),
         ("divergence", "grad_row", lambda: torch.ones(N - 1)),
-        ("divergence", "stats", lambda: torch.zeros(N - 1, 4)),
+        ("divergence", "stats", lambda: torch.zeros(N - 1, STATS_WIDTH)),
+        ("divergence", "stats", lambda: torch.zeros(N, STATS_WIDTH - 1)),
         ("divergence", "row_valid", lambda: torch.ones(N - 1, dtype=torch.bool)),
         ("divergence", "row_valid", lambda: torch.ones(N, dtype=torch.int8)),
         ("logprob", "grad_logp", lambda: torch.ones(1).expand(N)),
         ("logprob", "stats", lambda: torch.zeros(N, 1)),
+        ("logprob", "stats", lambda: torch.zeros(N - 1, LOGPROB_STATS_WIDTH)),
         ("cdist", "weight", lambda: torch.ones(2, 3, 2)),
         ("cdist", "lse_x", lambda: torch.zeros(5)),
         ("cdist", "dot_x", lambda: torch.zeros(12)[::2]),

@@ -5,7 +5,9 @@ Kinds (csrc/pk_math.h DivKind): 0 forward_kl KL(p||q), 1 jsd(w = beta),
 and p = softmax(teacher * inv_t). The per-element formulas, row finalisation and
 gradients reproduce csrc/pk_math.h (div_accumulate / div_finalize / div_grad).
 
-All math is fp32 in natural-log units, as in pk_math.h: s = logit * inv_t, log q = s - lse.
+All math is fp32 in natural-log units, as in pk_math.h: s = logit * inv_t and
+log q = (s - m) - log S with m the row max and S = sum e^(s - m) (the LogNorm split: s - lse
+would round lse, an error of |s| * 6e-8).
 Exponentials and logs go through the hardware exp2 / log2 with log2(e) folded into their
 argument (_exp / _log), never into the logits themselves.
 """
@@ -31,7 +33,7 @@ KIND_SKEW_FORWARD_KL = 2
 KIND_TVD = 3
 KIND_HELLINGER = 4
 NUM_KINDS = 5
-STATS_WIDTH = 4  # [lse_q, lse_p, r0, r1]
+STATS_WIDTH = 6  # [m_q, log S_q, m_p, log S_p, r0, r1] (pk_math.h kStat*)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -44,7 +46,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _exp(x):
-    # e^x through the hardware exp2. Log-probabilities stay in natural units (s - lse with s =
+    # e^x through the hardware exp2. Log-probabilities stay in natural units (s - m - log S with s =
     # logit * inv_t): scaling logits by log2(e) first would add |logit| * eps of absolute error
     # to every log-probability, which large-magnitude logits turn into visible gradient error.
     return tl.exp2(x * _LOG2E)
@@ -96,12 +98,12 @@ def _rescale(m_old, m_new):
 
 
 @triton.jit
-def _log_probs(s_ptr, t_ptr, cols, mask, inv_t, lse_q, lse_p):
-    # log q, log p and q, p of one block once the row's log-sum-exps are known
+def _log_probs(s_ptr, t_ptr, cols, mask, inv_t, m_q, ls_q, m_p, ls_p):
+    # log q, log p and q, p of one block once the rows' normalisers (max, log sum) are known
     sv = tl.load(s_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
     tv = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-    lq = sv - lse_q
-    lp = tv - lse_p
+    lq = (sv - m_q) - ls_q
+    lp = (tv - m_p) - ls_p
     return lq, lp, _exp(lq), _exp(lp)
 
 
@@ -155,11 +157,12 @@ def _fwd_row(
             # scale drops the old sum the same way instead of making inf * 0 = NaN.
             cross = _xmul0(a_t, cross) + tl.sum(_xmul0(e_t, tv - sv), axis=0)
 
-    lse_q = m_s + _log(l_s)
-    lse_p = m_t + _log(l_t)
+    ls_q = _log(l_s)
+    ls_p = _log(l_t)
 
     if KIND == 0:
-        loss = cross / l_t - lse_p + lse_q
+        # lse_q - lse_p as (m_s - m_t) + log(l_s / l_t): no lse of the logits' size is rounded
+        loss = cross / l_t + (m_s - m_t) + _log(l_s / l_t)
         r0 = 0.0
         r1 = loss
     else:
@@ -170,7 +173,7 @@ def _fwd_row(
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
-            lq, lp, q, p = _log_probs(s_ptr, t_ptr, cols, mask, inv_t, lse_q, lse_p)
+            lq, lp, q, p = _log_probs(s_ptr, t_ptr, cols, mask, inv_t, m_s, ls_q, m_t, ls_p)
             if KIND == 1:
                 lm = _logaddexp(lp + log_w, lq + log_1mw)
                 acc0 += tl.where(mask, _xmul0(q, lq - lm), 0.0)  # KL(q||M) 
@@ -212,11 +215,13 @@ def _fwd_row(
             r1 = a1
 
     tl.store(loss_ptr + row, loss)
-    sp = stats_ptr + row * 4
-    tl.store(sp + 0, lse_q)
-    tl.store(sp + 1, lse_p)
-    tl.store(sp + 2, r0)
-    tl.store(sp + 3, r1)
+    sp = stats_ptr + row * 6
+    tl.store(sp + 0, m_s)
+    tl.store(sp + 1, ls_q)
+    tl.store(sp + 2, m_t)
+    tl.store(sp + 3, ls_p)
+    tl.store(sp + 4, r0)
+    tl.store(sp + 5, r1)
 
 
 @triton.jit
@@ -226,7 +231,7 @@ def _divergence_fwd_kernel(
     inv_t, w, log_w, log_1mw,
     KIND: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One program per row r = b*T + t; writes loss[r] and stats[r, 0:4].
+    """One program per row r = b*T + t; writes loss[r] and stats[r, 0:6].
 
     log_w / log_1mw = log(w) / log(1 - w) (-inf at 0).
     """
@@ -240,11 +245,9 @@ def _divergence_fwd_kernel(
         else:
             # masked row: zeros, and its logits are never read
             tl.store(loss_ptr + row, 0.0)
-            sp = stats_ptr + row * 4
-            tl.store(sp + 0, 0.0)
-            tl.store(sp + 1, 0.0)
-            tl.store(sp + 2, 0.0)
-            tl.store(sp + 3, 0.0)
+            sp = stats_ptr + row * 6
+            for k in tl.static_range(6):
+                tl.store(sp + k, 0.0)
     else:
         _fwd_row(s_row, t_row, loss_ptr, stats_ptr, row, V, inv_t, w, log_w, log_1mw,
                  KIND, BLOCK_V)
@@ -263,17 +266,19 @@ def _bwd_row(
     BLOCK_V: tl.constexpr,
 ):
     g_scale = tl.load(grad_row_ptr + row) * inv_t
-    sp = stats_ptr + row * 4
-    lse_q = tl.load(sp + 0)
-    lse_p = tl.load(sp + 1)
-    r0 = tl.load(sp + 2)
-    r1 = tl.load(sp + 3)
+    sp = stats_ptr + row * 6
+    m_q = tl.load(sp + 0)
+    ls_q = tl.load(sp + 1)
+    m_p = tl.load(sp + 2)
+    ls_p = tl.load(sp + 3)
+    r0 = tl.load(sp + 4)
+    r1 = tl.load(sp + 5)
 
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = cols < V
-        lq, lp, q, p = _log_probs(s_ptr, t_ptr, cols, mask, inv_t, lse_q, lse_p)
+        lq, lp, q, p = _log_probs(s_ptr, t_ptr, cols, mask, inv_t, m_q, ls_q, m_p, ls_p)
         if KIND == 0:
             gq = q - p
             gp = _xmul0(p, (lp - lq) - r1)
@@ -436,7 +441,7 @@ def divergence_forward(student, teacher, row_valid, kind: int, w: float, inv_t: 
     """Per-row divergence of softmax(teacher*inv_t) vs softmax(student*inv_t).
 
     student, teacher: [B, T, V] (fp32/fp16/bf16, same dtype, stride(2) == 1);
-    row_valid: None or bool [B*T]. Returns (row_loss fp32 [B*T], stats fp32 [B*T, 4]).
+    row_valid: None or bool [B*T]. Returns (row_loss fp32 [B*T], stats fp32 [B*T, 6]).
 
     `_wrap` maps a jit kernel to something launchable as `k[grid](...)`; the torch.library
     registration passes `torch.library.wrap_triton` so the launch is traceable. Default:
@@ -469,7 +474,7 @@ def divergence_backward(grad_row, student, teacher, row_valid, stats, kind: int,
                         *, _wrap=None, _block_v=None):
     """Gradients of sum_r grad_row[r] * row_loss[r] w.r.t. the student / teacher logits.
 
-    grad_row: fp32 [B*T]; stats: fp32 [B*T, 4] from divergence_forward with the same
+    grad_row: fp32 [B*T]; stats: fp32 [B*T, 6] from divergence_forward with the same
     arguments. Returns (grad_student, grad_teacher), each contiguous [B, T, V] in the logits'
     dtype, or an empty (numel 0) tensor of that dtype when not requested. Rows with
     row_valid False get exactly 0. `_wrap` / `_block_v`: see divergence_forward.

@@ -1,8 +1,8 @@
 """Fused token log-prob + entropy kernels (Triton) for RL post-training.
 
 Per row r of logits z viewed as [B, T, V], with s = z * inv_t (fp32) and y = tokens[r]:
-  lse  = log sum_i e^{s_i}
-  logp = s_y - lse                  (NaN when y is outside [0, V); -inf when s_y = -inf)
+  m = max_i s_i, log S = log sum_i e^{s_i - m}
+  logp = (s_y - m) - log S          (NaN when y is outside [0, V); -inf when s_y = -inf)
   H    = -sum_i q_i log q_i,  q = softmax(s), 0 log 0 = 0
 computed in one read of the row. Backward, one more read:
   dz_i = inv_t * (g_lp * (1[i = y] - q_i) - g_H * (q_i log q_i + q_i H)).
@@ -34,7 +34,7 @@ __all__ = [
     "_token_logprob_bwd_kernel",
 ]
 
-STATS_WIDTH = 2  # [lse, H]
+STATS_WIDTH = 3  # [m, log S, H] (pk_math.h kLogprobStat*)
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _token_logprob_fwd_kernel(
     T, V, stride0, stride1, inv_t,
     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One program per row r = b*T + t: logp[r], entropy[r] (WITH_ENTROPY), stats[r] = [lse, H].
+    """One program per row r = b*T + t: logp[r], entropy[r] (WITH_ENTROPY), stats[r] = [m, log S, H].
 
     ent_ptr is never touched when WITH_ENTROPY is off (any tensor may be passed).
     """
@@ -83,18 +83,18 @@ def _token_logprob_fwd_kernel(
         m = m_new
 
     log_l = _log(l)
-    lse = m + log_l
     ent = log_l - c / l
 
     s_y, valid = _token_logit(z_row, tok_ptr, row, V, inv_t)
-    logp = tl.where(valid, s_y - lse, float("nan"))
+    logp = tl.where(valid, (s_y - m) - log_l, float("nan"))
 
     tl.store(logp_ptr + row, logp)
     if WITH_ENTROPY:
         tl.store(ent_ptr + row, ent)
-    sp = stats_ptr + row * 2
-    tl.store(sp + 0, lse)
-    tl.store(sp + 1, ent)
+    sp = stats_ptr + row * 3
+    tl.store(sp + 0, m)
+    tl.store(sp + 1, log_l)
+    tl.store(sp + 2, ent)
 
 
 @triton.jit
@@ -110,11 +110,12 @@ def _token_logprob_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + _row_base(row, T, stride0, stride1)
     g_lp = tl.load(g_lp_ptr + row) * inv_t
-    sp = stats_ptr + row * 2
-    lse = tl.load(sp + 0)
+    sp = stats_ptr + row * 3
+    m = tl.load(sp + 0)
+    log_l = tl.load(sp + 1)
     if HAS_GRAD_ENTROPY:
         g_h = tl.load(g_ent_ptr + row) * inv_t
-        ent = tl.load(sp + 1)
+        ent = tl.load(sp + 2)
     # an out-of-range token becomes -1, which matches no column and skips the one-hot term;
     # a valid one fits int32 (V does), so the per-block compare stays 32-bit
     y = tl.load(tok_ptr + row).to(tl.int64)
@@ -126,7 +127,7 @@ def _token_logprob_bwd_kernel(
         cols = start + cols0
         mask = cols < V
         s = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        lq = s - lse
+        lq = (s - m) - log_l
         q = _exp(lq)
         g = g_lp * (tl.where(cols == y, 1.0, 0.0) - q)
         if HAS_GRAD_ENTROPY:
@@ -164,7 +165,7 @@ def token_logprob_forward(logits, tokens, inv_t: float, with_entropy: bool,
 
     logits: [B, T, V] fp32/fp16/bf16 with stride(2) == 1 (other strides arbitrary);
     tokens: contiguous int32/int64 [B*T]. Returns (logp fp32 [B*T], entropy fp32 [B*T] or an
-    empty fp32 tensor when with_entropy is False, stats fp32 [B*T, 2] = [lse, H]).
+    empty fp32 tensor when with_entropy is False, stats fp32 [B*T, 3] = [m, log S, H]).
 
     `_wrap` maps a jit kernel to something launchable as `k[grid](...)` (the torch.library
     registration passes torch.library.wrap_triton); `_block_v` overrides the block size.
@@ -193,7 +194,7 @@ def token_logprob_backward(grad_logp, grad_entropy, logits, tokens, stats, inv_t
     """Gradient of sum_r (grad_logp[r] * logp[r] + grad_entropy[r] * H[r]) w.r.t. logits.
 
     grad_logp: contiguous fp32 [B*T]; grad_entropy: contiguous fp32 [B*T], or numel 0 for
-    no entropy gradient; stats: fp32 [B*T, 2] from token_logprob_forward with the same
+    no entropy gradient; stats: fp32 [B*T, 3] from token_logprob_forward with the same
     logits, tokens and inv_t. Returns contiguous [B, T, V] in the logits' dtype.
     """
     n = _check_inputs(logits, tokens)

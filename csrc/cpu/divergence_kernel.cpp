@@ -61,7 +61,8 @@ struct OnlineSum {
 };
 
 struct Pass1 {
-  float lse_q, lse_p, sum_q, sum_p, cross;
+  math::LogNorm nq, np;
+  float sum_q, sum_p, cross;
 };
 
 // Block sums of pass 1, kept in registers across a block: two accumulators per quantity so
@@ -202,7 +203,7 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
   q_sum.lanes = acc.s0 + acc.s1;
   p_sum.lanes = acc.t0 + acc.t1;
   const float sum_q = q_sum.total(), sum_p = p_sum.total();
-  return {math::lse_value(q_sum.m, sum_q), math::lse_value(p_sum.m, sum_p), sum_q, sum_p,
+  return {math::log_norm(q_sum.m, sum_q), math::log_norm(p_sum.m, sum_p), sum_q, sum_p,
           hsum(acc.x0 + acc.x1) + cross_tail};
 }
 
@@ -219,15 +220,15 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
 }
 
 // Factor turning an exponential kept in pass 1 (taken against the block's running max m_blk)
-// into a probability: exp(m_blk - m) / sum. Blocks seen before any finite entry kept zeros.
+// into a probability: exp(m_blk - m) / S. Blocks seen before any finite entry kept zeros.
 // A row that is -inf throughout has no softmax (eager's is NaN, exp(-inf - -inf)): NaN, not
 // the zeros its kept exponentials hold.
-float prob_factor(float m_blk, float lse) {
-  if (lse == -INFINITY) return NAN;
-  return m_blk == -INFINITY ? 0.f : ::expf(m_blk - lse);
+float prob_factor(float m_blk, const math::LogNorm& n) {
+  if (n.m == -INFINITY) return NAN;
+  return m_blk == -INFINITY ? 0.f : ::expf((m_blk - n.m) - n.log_s);
 }
 
-// Probabilities of a block recomputed from the row's log-sum-exp (backward pass).
+// Probabilities of a block recomputed from the row's normaliser (backward pass).
 struct ProbsFromLse {
   static constexpr bool kCached = false;
   static constexpr bool kSkewCached = false;
@@ -245,15 +246,15 @@ struct ProbsFromCache {
   static constexpr bool kCached = true;
   static constexpr bool kSkewCached = false;
   const Scratch& sc;
-  float lse_q, lse_p;
+  math::LogNorm nq, np;
   const float *es = nullptr, *et = nullptr;
   float cq = 0.f, cp = 0.f;
   Vec vcq{0.f}, vcp{0.f};
   void block(int64_t b0, int64_t blk) {
     es = sc.es + b0;
     et = sc.et + b0;
-    cq = prob_factor(sc.blk_ms[blk], lse_q);
-    cp = prob_factor(sc.blk_mt[blk], lse_p);
+    cq = prob_factor(sc.blk_ms[blk], nq);
+    cp = prob_factor(sc.blk_mt[blk], np);
     vcq = Vec(cq);
     vcp = Vec(cp);
   }
@@ -278,7 +279,7 @@ struct SkewFromCache : ProbsFromCache {
 // fp32 output or through an fp32 staging block for 16-bit outputs.
 template <typename scalar_t, bool kStudent, bool kTeacher, class Probs>
 PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, const scalar_t* trow,
-                    int64_t V, float inv_t, float lse_q, float lse_p, float r0, float r1,
+                    int64_t V, float inv_t, math::LogNorm nq, math::LogNorm np, float r0, float r1,
                     float scale, scalar_t* gs_row, scalar_t* gt_row, Probs probs, float* sb,
                     float* tb, float* gs_stage, float* gt_stage) {
   constexpr bool kDirect = std::is_same_v<scalar_t, float>;
@@ -286,7 +287,7 @@ PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, c
   // the logits need not be read again at all.
   const bool need_logits =
       !(Probs::kSkewCached || (Probs::kCached && P.kind == math::kForwardKL && !kTeacher));
-  const Vec vlq(lse_q), vlp(lse_p), vscale(scale);
+  const Vec vscale(scale);
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, V - b0);
     const float* sv = need_logits ? block_values(srow + b0, n, inv_t, sb) : sb;
@@ -302,11 +303,12 @@ PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, c
     const auto grads = [&](int64_t i) {
       Vec gq, gp;
       if constexpr (Probs::kSkewCached) {
-        const auto [q, p] = probs.vec(i, vlq, vlp);
+        const auto [q, p] = probs.vec(i, Vec(0.f), Vec(0.f));
         math::skew_grad<VecOps, Vec>(P, q, p, Vec::loadu(probs.pq + i), Vec::loadu(probs.base + i),
                                      r0, r1, gq, gp);
       } else {
-        const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
+        const Vec lq = math::log_prob<VecOps>(Vec::loadu(sv + i), nq);
+        const Vec lp = math::log_prob<VecOps>(Vec::loadu(tv + i), np);
         const auto [q, p] = probs.vec(i, lq, lp);
         math::div_grad<VecOps, Vec>(P, lq, lp, q, p, r0, r1, gq, gp);
       }
@@ -338,7 +340,8 @@ PK_FLATTEN void write_grad_row(const math::DivParams& P, const scalar_t* srow, c
         const auto [q, p] = probs.scalar(i, 0.f, 0.f);
         math::skew_grad<ScalarOps, float>(P, q, p, probs.pq[i], probs.base[i], r0, r1, gq, gp);
       } else {
-        const float lq = sv[i] - lse_q, lp = tv[i] - lse_p;
+        const float lq = math::log_prob<ScalarOps>(sv[i], nq);
+        const float lp = math::log_prob<ScalarOps>(tv[i], np);
         const auto [q, p] = probs.scalar(i, lq, lp);
         math::div_grad<ScalarOps, float>(P, lq, lp, q, p, r0, r1, gq, gp);
       }
@@ -365,8 +368,7 @@ template <typename scalar_t>
 PK_FLATTEN void row_pass2(const math::DivParams& P, const scalar_t* srow, const scalar_t* trow,
                           int64_t V, float inv_t, const Pass1& p1, Scratch& sc, float& acc0,
                           float& acc1, float& acc2) {
-  ProbsFromCache probs{sc, p1.lse_q, p1.lse_p};
-  const Vec vlq(p1.lse_q), vlp(p1.lse_p);
+  ProbsFromCache probs{sc, p1.nq, p1.np};
   const bool keep_skew = sc.skew_pq != nullptr;  // only allocated for skew KL's fused forward
   Vec v0(0.f), v1(0.f), v2(0.f);
   acc0 = acc1 = acc2 = 0.f;
@@ -381,7 +383,8 @@ PK_FLATTEN void row_pass2(const math::DivParams& P, const scalar_t* srow, const 
     float* base_out = keep_skew ? sc.skew_base + b0 : nullptr;
     for (; i + kLanes <= n; i += kLanes) {
       next(i);
-      const Vec lq = Vec::loadu(sv + i) - vlq, lp = Vec::loadu(tv + i) - vlp;
+      const Vec lq = math::log_prob<VecOps>(Vec::loadu(sv + i), p1.nq);
+      const Vec lp = math::log_prob<VecOps>(Vec::loadu(tv + i), p1.np);
       const auto [q, p] = probs.vec(i, lq, lp);
       if (keep_skew) {
         Vec pq_m, gp_base;
@@ -393,7 +396,8 @@ PK_FLATTEN void row_pass2(const math::DivParams& P, const scalar_t* srow, const 
       }
     }
     for (; i < n; ++i) {
-      const float lq = sv[i] - p1.lse_q, lp = tv[i] - p1.lse_p;
+      const float lq = math::log_prob<ScalarOps>(sv[i], p1.nq);
+      const float lp = math::log_prob<ScalarOps>(tv[i], p1.np);
       const auto [q, p] = probs.scalar(i, lq, lp);
       if (keep_skew) {
         math::skew_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2, pq_out[i], base_out[i]);
@@ -434,28 +438,30 @@ void forward_rows(const DivForwardArgs& a) {
       const Pass1 p1 = row_pass1(srow, trow, V, a.inv_t, fkl, sc);
       float acc0, acc1 = 0.f, acc2 = 0.f;
       if (fkl) {
-        acc0 = math::fkl_from_cross(p1.cross, p1.sum_p, p1.lse_p, p1.lse_q);
+        acc0 = math::fkl_from_cross(p1.cross, p1.np.m, p1.sum_p, p1.nq.m, p1.sum_q);
       } else {
         row_pass2(P, srow, trow, V, a.inv_t, p1, sc, acc0, acc1, acc2);
       }
       float loss, r0, r1;
       math::div_finalize(P, acc0, acc1, acc2, loss, r0, r1);
       a.row_loss[r] = loss;
-      stats[math::kStatLseQ] = p1.lse_q;
-      stats[math::kStatLseP] = p1.lse_p;
+      stats[math::kStatMaxQ] = p1.nq.m;
+      stats[math::kStatLogSumQ] = p1.nq.log_s;
+      stats[math::kStatMaxP] = p1.np.m;
+      stats[math::kStatLogSumP] = p1.np.log_s;
       stats[math::kStatR0] = r0;
       stats[math::kStatR1] = r1;
       if constexpr (kGrad) {
         const float scale = a.row_weight * a.inv_t;
         if (skew) {
           write_grad_row<scalar_t, kStudent, kTeacher>(
-              P, srow, trow, V, a.inv_t, p1.lse_q, p1.lse_p, r0, r1, scale, gs_row, gt_row,
-              SkewFromCache{{sc, p1.lse_q, p1.lse_p}}, sc.sb, sc.tb, stage.data(),
+              P, srow, trow, V, a.inv_t, p1.nq, p1.np, r0, r1, scale, gs_row, gt_row,
+              SkewFromCache{{sc, p1.nq, p1.np}}, sc.sb, sc.tb, stage.data(),
               stage.data() + kBlock);
         } else {
           write_grad_row<scalar_t, kStudent, kTeacher>(
-              P, srow, trow, V, a.inv_t, p1.lse_q, p1.lse_p, r0, r1, scale, gs_row, gt_row,
-              ProbsFromCache{sc, p1.lse_q, p1.lse_p}, sc.sb, sc.tb, stage.data(),
+              P, srow, trow, V, a.inv_t, p1.nq, p1.np, r0, r1, scale, gs_row, gt_row,
+              ProbsFromCache{sc, p1.nq, p1.np}, sc.sb, sc.tb, stage.data(),
               stage.data() + kBlock);
         }
       }
@@ -482,7 +488,8 @@ void backward_rows(const DivBackwardArgs& a) {
       const float* st = a.stats + r * math::kStatsWidth;
       write_grad_row<scalar_t, kStudent, kTeacher>(
           P, row_ptr<scalar_t>(a.student, a.T, r), row_ptr<scalar_t>(a.teacher, a.T, r), V,
-          a.inv_t, st[math::kStatLseQ], st[math::kStatLseP], st[math::kStatR0], st[math::kStatR1],
+          a.inv_t, {st[math::kStatMaxQ], st[math::kStatLogSumQ]},
+          {st[math::kStatMaxP], st[math::kStatLogSumP]}, st[math::kStatR0], st[math::kStatR1],
           a.grad_row[r] * a.inv_t, gs_row, gt_row, ProbsFromLse{}, sb, sb + kBlock,
           sb + 2 * kBlock, sb + 3 * kBlock);
     }

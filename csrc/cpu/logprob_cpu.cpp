@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprob_forward_cpu(
   auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({N}, f32);
   at::Tensor entropy = at::empty({with_entropy ? N : 0}, f32);
-  at::Tensor stats = at::empty({N, 2}, f32);
+  at::Tensor stats = at::empty({N, math::kLogprobStatsWidth}, f32);
   if (N == 0) return {logp, entropy, stats};
   auto args = row_args<LogprobForwardArgs>(logits, tokens, inv_temperature);
   args.logp = logp.mutable_data_ptr<float>();
@@ -57,8 +57,9 @@ at::Tensor token_logprob_backward_cpu(const at::Tensor& grad_logp, const at::Ten
                                             grad_entropy.numel() == N &&
                                             grad_entropy.is_contiguous()),
               "pykernels: grad_entropy must be empty or a contiguous float32 [N] tensor");
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == 2 * N && stats.is_contiguous(),
-              "pykernels: stats must be a contiguous float32 [N, 2] tensor");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == N &&
+                  stats.size(1) == math::kLogprobStatsWidth && stats.is_contiguous(),
+              "pykernels: stats must be a contiguous float32 [N, 3] tensor");
   at::Tensor grad = empty_grad(logits, true);
   if (N == 0) return grad;
   auto args = row_args<LogprobBackwardArgs>(logits, tokens, inv_temperature);

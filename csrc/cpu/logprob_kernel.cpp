@@ -26,7 +26,8 @@ int64_t token_of(const Args& a, int64_t r) {
 }
 
 struct RowLogprob {
-  float lse, entropy;
+  math::LogNorm norm;
+  float entropy;
 };
 
 template <typename scalar_t>
@@ -69,7 +70,7 @@ PK_FLATTEN RowLogprob row_lse_entropy(const scalar_t* row, int64_t V, float inv_
     }
   }
   const float l = hsum(e0 + e1) + e_tail, c = hsum(c0 + c1) + c_tail;
-  return {math::lse_value(m, l), math::entropy_from_sums(c, l)};
+  return {math::log_norm(m, l), math::entropy_from_sums(c, l)};
 }
 
 template <typename scalar_t>
@@ -81,32 +82,35 @@ void forward_rows(const LogprobForwardArgs& a) {
       const scalar_t* row = row_ptr<scalar_t>(a.logits, a.T, r);
       const RowLogprob rl = row_lse_entropy(row, V, a.inv_t, buf.data());
       const int64_t y = token_of(a, r);
-      a.logp[r] = y < 0 ? NAN : static_cast<float>(row[y]) * a.inv_t - rl.lse;
+      a.logp[r] =
+          y < 0 ? NAN : math::log_prob<ScalarOps>(static_cast<float>(row[y]) * a.inv_t, rl.norm);
       if (a.entropy) a.entropy[r] = rl.entropy;
-      a.stats[2 * r] = rl.lse;
-      a.stats[2 * r + 1] = rl.entropy;
+      float* st = a.stats + r * math::kLogprobStatsWidth;
+      st[math::kLogprobStatMax] = rl.norm.m;
+      st[math::kLogprobStatLogSum] = rl.norm.log_s;
+      st[math::kLogprobStatEntropy] = rl.entropy;
     }
   });
 }
 
 template <typename scalar_t>
-PK_FLATTEN void grad_row(const scalar_t* row, int64_t V, float inv_t, float lse, float H,
+PK_FLATTEN void grad_row(const scalar_t* row, int64_t V, float inv_t, math::LogNorm norm, float H,
                          float g_lp, float g_h, int64_t y, scalar_t* out, float* buf,
                          float* stage) {
   constexpr bool kDirect = std::is_same_v<scalar_t, float>;
-  const Vec vlse(lse), vscale(inv_t);
+  const Vec vscale(inv_t);
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t n = std::min(kBlock, V - b0);
     const float* x = block_values(row + b0, n, inv_t, buf);
     float* g = kDirect ? reinterpret_cast<float*>(out) + b0 : stage;
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) {
-      const Vec lq = Vec::loadu(x + i) - vlse;
+      const Vec lq = math::log_prob<VecOps>(Vec::loadu(x + i), norm);
       (math::logprob_entropy_grad<VecOps, Vec>(lq, VecOps::exp(lq), g_lp, g_h, H) * vscale)
           .store(g + i);
     }
     for (; i < n; ++i) {
-      const float lq = x[i] - lse;
+      const float lq = math::log_prob<ScalarOps>(x[i], norm);
       g[i] = math::logprob_entropy_grad<ScalarOps, float>(lq, ::expf(lq), g_lp, g_h, H) * inv_t;
     }
     if (y >= b0 && y < b0 + n) g[y - b0] += g_lp * inv_t;  // the one-hot term, before rounding
@@ -122,8 +126,10 @@ void backward_rows(const LogprobBackwardArgs& a) {
     std::vector<float> buf(2 * kBlock);
     for (int64_t r = begin; r < end; ++r) {
       const float g_h = a.grad_entropy ? a.grad_entropy[r] : 0.f;
-      grad_row(row_ptr<scalar_t>(a.logits, a.T, r), V, a.inv_t, a.stats[2 * r],
-               a.stats[2 * r + 1], a.grad_logp[r], g_h, token_of(a, r), out + r * V,
+      const float* st = a.stats + r * math::kLogprobStatsWidth;
+      grad_row(row_ptr<scalar_t>(a.logits, a.T, r), V, a.inv_t,
+               {st[math::kLogprobStatMax], st[math::kLogprobStatLogSum]},
+               st[math::kLogprobStatEntropy], a.grad_logp[r], g_h, token_of(a, r), out + r * V,
                buf.data(), buf.data() + kBlock);
     }
   });

@@ -89,7 +89,7 @@ __device__ __forceinline__ RowStats empty_stats() {
 // of lse_push's two exps per element (the exp unit, not HBM, would otherwise bound 16-bit
 // inputs). Same value as N lse_push calls up to rounding. Unlike lse_push it also keeps a
 // NaN met while the running max is still -inf (lse_push drops it there), so NaN logits
-// always reach lse and the loss.
+// always reach the normaliser and the loss.
 template <int N>
 __device__ __forceinline__ void lse_push_chunk(float& m, float& s, const float (&x)[N]) {
   float cm = m;
@@ -110,7 +110,7 @@ __device__ __forceinline__ void lse_push_chunk(float& m, float& s, const float (
 // Teacher side of forward KL: the sum-exp plus the cross sum fkl_cross_term, which shares
 // the teacher's exponentials and max. The cross sum is rescaled with xmul0 because it is
 // +inf where q = 0 < p, and a rescale that underflows to 0 means that p is 0 (0 log 0 = 0).
-// A NaN cross sum always comes with a NaN lse, so xmul0 hides nothing.
+// A NaN cross sum always comes with a NaN sum-exp, so xmul0 hides nothing.
 template <int N>
 __device__ __forceinline__ void lse_cross_push_chunk(float& m, float& s, float& c,
                                                      const float (&t)[N], const float (&sv)[N]) {
@@ -161,7 +161,7 @@ __device__ __forceinline__ void stats_merge(RowStats& a, const RowStats& b) {
 }
 
 // Block-wide merge; every thread gets the same (thread 0's) result, so all threads use
-// bit-identical lse values in pass 2.
+// bit-identical normalisers in pass 2.
 template <int KIND>
 __device__ __forceinline__ RowStats block_merge_stats(RowStats v, RowStats* sh) {
   return block_allreduce(v, sh, empty_stats(),
@@ -193,11 +193,12 @@ __device__ __forceinline__ void stats_chunk(RowStats& st, const Pack<scalar_t, V
 template <typename scalar_t, int VEC>
 __device__ __forceinline__ void accumulate_chunk(const DivParams& P, const Pack<scalar_t, VEC>& ps,
                                                  const Pack<scalar_t, VEC>& pt, float inv_t,
-                                                 float lse_q, float lse_p, float (&acc)[3]) {
+                                                 math::LogNorm nq, math::LogNorm np,
+                                                 float (&acc)[3]) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const float lq = static_cast<float>(ps.v[i]) * inv_t - lse_q;
-    const float lp = static_cast<float>(pt.v[i]) * inv_t - lse_p;
+    const float lq = math::log_prob<ScalarOps>(static_cast<float>(ps.v[i]) * inv_t, nq);
+    const float lp = math::log_prob<ScalarOps>(static_cast<float>(pt.v[i]) * inv_t, np);
     math::div_accumulate<ScalarOps, float>(P, lq, lp, ::expf(lq), ::expf(lp), acc[0], acc[1], acc[2]);
   }
 }
@@ -280,19 +281,24 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
   }
   st = block_merge_stats<KIND>(st, sh_stats);
-  const float lse_q = math::lse_value(st.mq, st.sq);
-  const float lse_p = math::lse_value(st.mt, st.st);
+  const math::LogNorm nq = math::log_norm(st.mq, st.sq);
+  const math::LogNorm np = math::log_norm(st.mt, st.st);
+  const auto store_stats = [&](float r0, float r1) {
+    st_out[math::kStatMaxQ] = nq.m;
+    st_out[math::kStatLogSumQ] = nq.log_s;
+    st_out[math::kStatMaxP] = np.m;
+    st_out[math::kStatLogSumP] = np.log_s;
+    st_out[math::kStatR0] = r0;
+    st_out[math::kStatR1] = r1;
+  };
 
   if constexpr (KIND == math::kForwardKL) {
     if (tid == 0) {
       float loss, r0, r1;
-      const float kl = math::fkl_from_cross(st.cross, st.st, lse_p, lse_q);
+      const float kl = math::fkl_from_cross(st.cross, st.mt, st.st, st.mq, st.sq);
       math::div_finalize(P, kl, 0.f, 0.f, loss, r0, r1);
       row_loss[r] = loss;
-      st_out[math::kStatLseQ] = lse_q;
-      st_out[math::kStatLseP] = lse_p;
-      st_out[math::kStatR0] = r0;
-      st_out[math::kStatR1] = r1;
+      store_stats(r0, r1);
     }
     return;
   } else {
@@ -302,8 +308,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     float acc[3] = {0.f, 0.f, 0.f};
     if (tid < R.nextra) {
       const int64_t i = extra_index<VEC>(R, tid);
-      const float lq = static_cast<float>(ps[i]) * inv_t - lse_q;
-      const float lp = static_cast<float>(pt[i]) * inv_t - lse_p;
+      const float lq = math::log_prob<ScalarOps>(static_cast<float>(ps[i]) * inv_t, nq);
+      const float lp = math::log_prob<ScalarOps>(static_cast<float>(pt[i]) * inv_t, np);
       math::div_accumulate<ScalarOps, float>(P, lq, lp, ::expf(lq), ::expf(lp), acc[0], acc[1], acc[2]);
     }
     // Reverse order: the end of the row was read last in pass 1 and is the part most
@@ -320,7 +326,7 @@ __global__ void __launch_bounds__(kMaxThreads)
           s0 = load_chunk<scalar_t, VEC>(cs + c * VEC, R.vec);
           t0 = load_chunk<scalar_t, VEC>(ct + c * VEC, R.vec);
         }
-        accumulate_chunk<scalar_t, VEC>(P, s0, t0, inv_t, lse_q, lse_p, acc);
+        accumulate_chunk<scalar_t, VEC>(P, s0, t0, inv_t, nq, np, acc);
       }
     }
     block_sum3(acc[0], acc[1], acc[2], sh_sums);
@@ -328,10 +334,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       float loss, r0, r1;
       math::div_finalize(P, acc[0], acc[1], acc[2], loss, r0, r1);
       row_loss[r] = loss;
-      st_out[math::kStatLseQ] = lse_q;
-      st_out[math::kStatLseP] = lse_p;
-      st_out[math::kStatR0] = r0;
-      st_out[math::kStatR1] = r1;
+      store_stats(r0, r1);
     }
   }
 }
@@ -367,8 +370,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const float grow = grad_row[r];
   const float* st = stats + r * math::kStatsWidth;
-  const float lse_q = st[math::kStatLseQ];
-  const float lse_p = st[math::kStatLseP];
+  const math::LogNorm nq{st[math::kStatMaxQ], st[math::kStatLogSumQ]};
+  const math::LogNorm np{st[math::kStatMaxP], st[math::kStatLogSumP]};
   const float r0 = st[math::kStatR0];
   const float r1 = st[math::kStatR1];
 
@@ -383,8 +386,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const bool vt = gt != nullptr && R.vec && reinterpret_cast<uintptr_t>(gt + R.head) % kChunkBytes == 0;
 
   auto grad_elem = [&](scalar_t s_raw, scalar_t t_raw, scalar_t& os, scalar_t& ot) {
-    const float lq = static_cast<float>(s_raw) * inv_t - lse_q;
-    const float lp = static_cast<float>(t_raw) * inv_t - lse_p;
+    const float lq = math::log_prob<ScalarOps>(static_cast<float>(s_raw) * inv_t, nq);
+    const float lp = math::log_prob<ScalarOps>(static_cast<float>(t_raw) * inv_t, np);
     float gq, gp;
     math::div_grad<ScalarOps, float>(P, lq, lp, ::expf(lq), ::expf(lp), r0, r1, gq, gp);
     os = static_cast<scalar_t>(grow * gq * inv_t);

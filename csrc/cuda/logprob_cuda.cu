@@ -5,10 +5,11 @@
 // from row_io.cuh. One thread block per row r = b*T + t of the [B, T, V] logits view.
 //
 // Forward, one read of the row: per thread an online (max m, l = sum e, c = sum e (s - m))
-// with e = exp(s - m), merged over the block; lse = m + log l, H = log l - c / l (pk_math.h).
+// with e = exp(s - m), merged over the block; logp = (s_y - m) - log l, H = log l - c / l
+// (pk_math.h LogNorm, entropy_from_sums).
 // The token's logit is picked out of the same stream by the thread whose chunk holds it (an
 // out-of-range token matches no element: logp = NaN, nothing is read for it).
-// Backward, one pass: reads the row and the saved (lse, H), writes the gradient; the one-hot
+// Backward, one pass: reads the row and the saved (m, log l, H), writes the gradient; the one-hot
 // term of the token is added by the thread that owns that element, before rounding.
 //
 // Per-element exponentials are ex2.approx.ftz with log2(e) folded into the argument (FMUL +
@@ -41,7 +42,6 @@ namespace {
 using namespace cuda_rows;
 using math::ScalarOps;
 
-constexpr int kStatsWidth = 2;  // stats[r] = (lse, H)
 // Chunks in flight per thread and loop iteration: one input stream (the divergence kernels
 // keep 2 chunks x 2 streams), so 4 keeps a similar number of loads outstanding.
 constexpr int kUnroll = 4;
@@ -72,7 +72,7 @@ __device__ __forceinline__ float ex2_ftz(float x) {
   return y;
 }
 
-// e^a for an argument measured against the running max or the lse (a <= 0 up to rounding).
+// e^a for an argument measured against the running max or a log-prob (a <= 0 up to rounding).
 __device__ __forceinline__ float exp_nonpos(float a) { return ex2_ftz(a * kLog2e); }
 
 // Online row statistics against the running max m.
@@ -85,7 +85,7 @@ struct EntStats {
 __device__ __forceinline__ EntStats empty_ent_stats() { return EntStats{-INFINITY, 0.f, 0.f}; }
 
 // One rescale per chunk (only when the max grows) and one exp per element. A NaN met while
-// the max is still -inf is kept in l and c so it reaches lse and H.
+// the max is still -inf is kept in l and c so it reaches logp and H.
 template <int N>
 __device__ __forceinline__ void ent_push_chunk(EntStats& st, const float (&x)[N]) {
   float cm = st.m;
@@ -175,12 +175,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   st = block_reduce(st, sh, empty_ent_stats(),
                     [](EntStats& x, const EntStats& o) { ent_merge(x, o); });
   if (tid == 0) {
-    const float lse = math::lse_value(st.m, st.l);
+    const math::LogNorm norm = math::log_norm(st.m, st.l);
     const float H = math::entropy_from_sums(st.c, st.l);
-    logp[r] = y >= 0 ? sh_sy - lse : NAN;
+    logp[r] = y >= 0 ? math::log_prob<ScalarOps>(sh_sy, norm) : NAN;
     if (entropy != nullptr) entropy[r] = H;
-    stats[r * kStatsWidth] = lse;
-    stats[r * kStatsWidth + 1] = H;
+    float* st_out = stats + r * math::kLogprobStatsWidth;
+    st_out[math::kLogprobStatMax] = norm.m;
+    st_out[math::kLogprobStatLogSum] = norm.log_s;
+    st_out[math::kLogprobStatEntropy] = H;
   }
 }
 
@@ -200,8 +202,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const float g_lp = grad_logp[r];
   const float g_h = grad_ent != nullptr ? grad_ent[r] : 0.f;
-  const float lse = stats[r * kStatsWidth];
-  const float H = stats[r * kStatsWidth + 1];
+  const float* st = stats + r * math::kLogprobStatsWidth;
+  const math::LogNorm norm{st[math::kLogprobStatMax], st[math::kLogprobStatLogSum]};
+  const float H = st[math::kLogprobStatEntropy];
   const float onehot = g_lp * inv_t;
   const int64_t y = token_of(a, r);  // -1 matches no element: the one-hot term is skipped
 
@@ -215,7 +218,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const bool vo = R.vec && reinterpret_cast<uintptr_t>(co) % kChunkBytes == 0;
 
   auto grad = [&](scalar_t raw) {
-    const float lq = static_cast<float>(raw) * inv_t - lse;
+    const float lq = math::log_prob<ScalarOps>(static_cast<float>(raw) * inv_t, norm);
     const float q = exp_nonpos(lq);
     return math::logprob_entropy_grad<ScalarOps, float>(lq, q, g_lp, g_h, H) * inv_t;
   };
@@ -298,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprob_forward_cuda(
   const auto fopts = logits3d.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({N}, fopts);
   at::Tensor entropy = at::empty({with_entropy ? N : 0}, fopts);
-  at::Tensor stats = at::empty({N, kStatsWidth}, fopts);
+  at::Tensor stats = at::empty({N, math::kLogprobStatsWidth}, fopts);
   if (N == 0) return {logp, entropy, stats};
 
   const float inv_t = static_cast<float>(inv_temperature);
@@ -326,9 +329,9 @@ at::Tensor token_logprob_backward_cuda(const at::Tensor& grad_logp,
   const bool has_grad_entropy = grad_entropy.numel() != 0;
   if (has_grad_entropy) check_row_floats(grad_entropy, N, logits3d, "grad_entropy");
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == N &&
-                  stats.size(1) == kStatsWidth && stats.is_contiguous() &&
+                  stats.size(1) == math::kLogprobStatsWidth && stats.is_contiguous() &&
                   stats.device() == logits3d.device(),
-              "pykernels token_logprob (cuda): stats must be a contiguous float32 [N, 2] tensor "
+              "pykernels token_logprob (cuda): stats must be a contiguous float32 [N, 3] tensor "
               "on the logits' device");
   const c10::cuda::CUDAGuard guard(logits3d.device());
   at::Tensor grad = at::empty({B, T, V}, logits3d.options());
