@@ -474,9 +474,12 @@ def token_logprob_rows(backend: str, logits, tokens, inv_temperature: float, wit
 class _TokenLogprobsK(torch.autograd.Function):
     """K token log-probs per row from one read of the logits: the forward op gives each row's
     normaliser (max m, log S; run for the first token, whose log-prob is recomputed with the
-    others), the rest is a gather: log q_y = (s_y - m) - log S. The gradient is one backward-op pass with no token, which writes
-    -inv_t * (sum_k g_k) q, plus the K one-hot terms scattered in: one N x V buffer, rounded
-    once outside the K positions (K separate ops would round and hold it K times)."""
+    others), the rest is a gather: log q_y = (s_y - m) - log S. The gradient is one backward-op
+    pass with no token, which writes -inv_t * (sum_k g_k) q: one N x V buffer, rounded once (K
+    separate ops would round and hold it K times). At the K token positions the exact value
+    inv_t * (G_y - sum_k g_k q_y), G_y the sum of the g_k whose token is y, is formed in fp32 and
+    written over it, so that it too is rounded once: adding g_k to an already rounded -g q_y
+    would cost an ulp of g where q_y is near 1 (V = 1 gave 0.0078 in bf16 for an exact 0)."""
 
     @staticmethod
     def forward(ctx, logits, tokens, inv_temperature, backend):
@@ -485,20 +488,36 @@ class _TokenLogprobsK(torch.autograd.Function):
         _, _, stats = forward_op(logits, tokens[:, 0].contiguous(), inv_temperature, False)
         idx = tokens.long()
         picked = logits.gather(-1, idx.view(*logits.shape[:-1], K)).reshape(N, K)
-        ctx.save_for_backward(logits, idx, stats)
+        logp = (picked.float() * inv_temperature - stats[:, 0:1]) - stats[:, 1:2]
+        ctx.save_for_backward(logits, idx, stats, logp)
         ctx.inv_temperature, ctx.backend = inv_temperature, backend
-        return (picked.float() * inv_temperature - stats[:, 0:1]) - stats[:, 1:2]
+        return logp
 
     @staticmethod
     def backward(ctx, grad):
-        logits, idx, stats = ctx.saved_tensors
+        logits, idx, stats, logp = ctx.saved_tensors
         inv_t = ctx.inv_temperature
         no_token = torch.full((idx.shape[0],), -1, dtype=torch.int64, device=idx.device)
-        grad_sum = grad.float().sum(-1).contiguous()
+        g = grad.float()
+        grad_sum = g.sum(-1)
         empty = grad_sum.new_empty((0,))
-        dz = _token_logprob_ops(ctx.backend)[1](grad_sum, empty, logits, no_token, stats, inv_t)
-        dz.view(-1, dz.shape[-1]).scatter_add_(1, idx, (grad.float() * inv_t).to(dz.dtype))
+        dz = _token_logprob_ops(ctx.backend)[1](grad_sum.contiguous(), empty, logits, no_token,
+                                                stats, inv_t)
+        at_tokens = (_sum_over_equal(idx, g) - grad_sum[:, None] * logp.exp()) * inv_t
+        dz.view(-1, dz.shape[-1]).scatter_(1, idx, at_tokens.to(dz.dtype))
         return dz, None, None, None
+
+
+def _sum_over_equal(idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[N, K]: out[n, k] = sum of g[n, j] over the j with idx[n, j] == idx[n, k], in O(N K)
+    memory (a K x K comparison would not be, for long candidate lists): sort each row, sum
+    runs of equal ids, scatter back."""
+    sorted_idx, perm = idx.sort(dim=1)
+    starts = torch.ones_like(sorted_idx, dtype=torch.bool)
+    starts[:, 1:] = sorted_idx[:, 1:] != sorted_idx[:, :-1]
+    run = starts.cumsum(1) - 1  # run number of each sorted entry
+    run_sum = torch.zeros_like(g).scatter_add_(1, run, g.gather(1, perm))
+    return torch.empty_like(g).scatter_(1, perm, run_sum.gather(1, run))
 
 
 def _token_logprob_ops(backend: str):

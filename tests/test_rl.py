@@ -926,6 +926,41 @@ def test_dropin_selective_log_softmax(force_backend, index_form, dtype, idx_dtyp
 
 
 
+@pytest.mark.parametrize("force_backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("index_form", ["rows", "K1", "K3"])
+@pytest.mark.parametrize("V", [1, 40])
+def test_selective_log_softmax_grad_at_tokens_is_rounded_once(force_backend, index_form, V):
+    """bf16, rows peaked on their token (q_y near 1; V = 1: exactly 1): the gradient there,
+    g (1 - q_y), is small next to g. Each element must be the float64 value rounded once to
+    bf16 (relative error 2^-8) up to fp32 noise of size |g|, not a rounded -g q_y plus g,
+    which is off by an ulp of g."""
+    g_ = torch.Generator().manual_seed(131)
+    z = torch.randn(6, V, generator=g_) * 2.0
+    z[:, 0] += 9.0  # q_0 ~ 0.999
+    z = z.to(BF16)
+    if index_form == "rows":
+        index = torch.zeros(6, dtype=torch.int64)
+        go = torch.randn(6, generator=g_)
+    else:
+        K = int(index_form[1:])
+        index = torch.randint(0, V, (6, K), generator=g_)
+        index[:, 0] = 0
+        if K > 1:
+            index[:, 1] = 0  # a repeated token: its two terms are summed before rounding
+        go = torch.randn(6, K, generator=g_)
+    x = z.clone().requires_grad_(True)
+    rl().selective_log_softmax(x, index).backward(go)
+    z64 = z.to(F64).requires_grad_(True)
+    (g64,) = torch.autograd.grad(R.selective_log_softmax(z64, index), z64, go.to(F64))
+    g_scale = go.abs().reshape(6, -1).sum(-1, keepdim=True).to(F64)
+    err = (x.grad.to(F64) - g64).abs()
+    # Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): one ulp there
+    rel = 2.0 ** -7 if H.is_interpreted(force_backend) else 2.0 ** -8
+    bound = g64.abs() * rel + 1e-6 * g_scale
+    assert (err <= bound).all(), (
+        f"worst excess {(err - bound).max():.3g}: got {x.grad[(err - bound).argmax() // V]}")
+
+
 @pytest.mark.parametrize("force_backend", KERNEL_BACKENDS, indirect=True)
 def test_selective_log_softmax_k_form_reads_the_logits_once(force_backend):
     """[..., K] index: one forward and one backward op for all K (not K of each, which held K

@@ -20,7 +20,7 @@ struct LogprobForwardArgs {
   float inv_t;
   float* logp;     // [B*T]
   float* entropy;  // [B*T] or nullptr
-  float* stats;    // [B*T, 2] = (lse, entropy)
+  float* stats;    // [B*T, kLogprobStatsWidth] = (max, log sum, entropy)
 };
 
 struct LogprobBackwardArgs {
