@@ -19,8 +19,11 @@ import reference_rl as R
 from helpers import FP32
 
 BACKENDS = H.cpu_backends()
+GPU_BACKENDS = ["cuda", "triton"]
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
          "hellinger")
+OFFSETS = [(1000.0, 1.0), (200.0, 0.5)]
+OFFSET_IDS = ["offset1000", "offset200-T0.5"]
 
 
 def _close_pair(offset: float, seed: int, N: int = 4, V: int = 300):
@@ -31,54 +34,84 @@ def _close_pair(offset: float, seed: int, N: int = 4, V: int = 300):
     return s.float(), t.float()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("offset,temperature", [(1000.0, 1.0), (200.0, 0.5)],
-                         ids=["offset1000", "offset200-T0.5"])
-def test_divergence_of_close_rows_with_large_logits(backend, kind, offset, temperature):
-    s, t = _close_pair(offset, seed=5)
-    student = s.clone().requires_grad_()
-    teacher = t.clone().requires_grad_()
+def _gpu_or_skip(backend):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    assert backend in H.pk().available_backends("cuda")
+
+
+def _check_divergence(backend, kind, offset, temperature, device="cpu", V=300):
+    s, t = _close_pair(offset, seed=5, V=V)
+    student = s.to(device, copy=True).requires_grad_()
+    teacher = t.to(device, copy=True).requires_grad_()
     got = H.pk().divergence(student, teacher, kind=kind, temperature=temperature,
                             reduction="none", backend=backend)
     s64 = s.double().requires_grad_()
     t64 = t.double().requires_grad_()
     want = ref.row_divergence(s64, t64, kind, temperature=temperature)
-    err = (got.double() - want).abs()
+    err = (got.double().cpu() - want).abs()
     assert err.max() <= 2e-6 + 1e-4 * want.abs().max(), (
         f"{kind}/{backend}: row losses off by {err.max():.2e} (rows ~ {want.abs().mean():.2e})")
 
     got.sum().backward()
     want.sum().backward()
     for name, g, g64 in (("student", student.grad, s64.grad), ("teacher", teacher.grad, t64.grad)):
-        gerr = (g.double() - g64).abs().max()
+        gerr = (g.double().cpu() - g64).abs().max()
         scale = g64.abs().max()
         assert gerr <= 1e-7 + 2e-4 * scale, (
             f"{kind}/{backend}: {name} gradient off by {gerr:.2e} (max |grad| {scale:.2e})")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_token_logprobs_with_large_logits(backend):
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("offset,temperature", OFFSETS, ids=OFFSET_IDS)
+def test_divergence_of_close_rows_with_large_logits(backend, kind, offset, temperature):
+    _check_divergence(backend, kind, offset, temperature)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("offset,temperature", OFFSETS, ids=OFFSET_IDS)
+def test_gpu_divergence_of_close_rows_with_large_logits(backend, kind, offset, temperature):
+    _gpu_or_skip(backend)
+    # V = 1271: the block sizes test_divergence's GPU tests compile already
+    _check_divergence(backend, kind, offset, temperature, device="cuda", V=1271)
+
+
+def _check_token_logprobs(backend, device="cpu", V=300):
     pk = H.pk()
     g = torch.Generator().manual_seed(9)
-    z = (torch.randn(6, 300, generator=g, dtype=torch.float64) * 3.0 + 1000.0).float()
-    tok = torch.randint(0, 300, (6,), generator=g)
+    z = (torch.randn(6, V, generator=g, dtype=torch.float64) * 3.0 + 1000.0).float()
+    tok = torch.randint(0, V, (6,), generator=g)
     ones = torch.ones(6, dtype=torch.float64)
-    zz = z.clone().requires_grad_()
-    logp, ent = pk.token_logprobs(zz, tok, return_entropy=True, backend=backend)
+    zz = z.to(device, copy=True).requires_grad_()
+    logp, ent = pk.token_logprobs(zz, tok.to(device), return_entropy=True, backend=backend)
     l64, h64 = R.token_logprobs_and_entropy(z, tok, 1.0)
-    assert (logp.double() - l64).abs().max() <= 1e-6 + 1e-6 * l64.abs().max()
-    assert (ent.double() - h64).abs().max() <= 1e-6
+    assert (logp.double().cpu() - l64).abs().max() <= 1e-6 + 1e-6 * l64.abs().max()
+    assert (ent.double().cpu() - h64).abs().max() <= 1e-6
     (logp.sum() + ent.sum()).backward()
     want = R.analytic_grad(z, tok, 1.0, dlogp=ones, dH=ones)
-    assert (zz.grad.double() - want).abs().max() <= 1e-7 + 2e-4 * want.abs().max()
+    assert (zz.grad.double().cpu() - want).abs().max() <= 1e-7 + 2e-4 * want.abs().max()
 
     # K tokens per row (selective_log_softmax's [..., K] path) from the same normaliser
-    idx = torch.randint(0, 300, (6, 3), generator=g)
-    zk = z.clone().requires_grad_()
-    lk = pk._registry.token_logprobs_k(backend, zk, idx, 1.0)
+    idx = torch.randint(0, V, (6, 3), generator=g)
+    zk = z.to(device, copy=True).requires_grad_()
+    lk = pk._registry.token_logprobs_k(backend, zk, idx.to(device), 1.0)
     lk64 = torch.log_softmax(z.double(), -1).gather(-1, idx)
-    assert (lk.double() - lk64).abs().max() <= 1e-6 + 1e-6 * lk64.abs().max()
+    assert (lk.double().cpu() - lk64).abs().max() <= 1e-6 + 1e-6 * lk64.abs().max()
     lk.sum().backward()
     want_k = sum(R.analytic_grad(z, idx[:, k], 1.0, dlogp=ones) for k in range(3))
-    assert (zk.grad.double() - want_k).abs().max() <= 1e-7 + 2e-4 * want_k.abs().max()
+    assert (zk.grad.double().cpu() - want_k).abs().max() <= 1e-7 + 2e-4 * want_k.abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_with_large_logits(backend):
+    _check_token_logprobs(backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_token_logprobs_with_large_logits(backend):
+    _gpu_or_skip(backend)
+    _check_token_logprobs(backend, device="cuda", V=1271)
