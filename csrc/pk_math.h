@@ -34,9 +34,9 @@ enum DivKind : int64_t {
 // A softmax row's normaliser, split into a reference max m and log S with S = sum exp(x - m),
 // rather than lse = m + log S: log q_i = (x_i - m) - log S then rounds only numbers the size
 // of x_i - m and log S, where x_i - lse inherits half an ulp of lse (|x| * 6e-8), an error
-// eager's max-shifted log_softmax does not make. m is the row max or, in the CPU kernel, a
-// running reference at most kMaxSlack below it; m = -inf (and log S = -inf) for a row with
-// no entry above -inf.
+// eager's max-shifted log_softmax does not make. m is the row max or, in the CPU divergence
+// kernel, a running reference at most kMaxSlack (8) below it; m = -inf (and log S = -inf) for
+// a row with no entry above -inf.
 struct LogNorm {
   float m;
   float log_s;
@@ -301,9 +301,9 @@ PK_HD void div_grad(const DivParams& P, V lq, V lp, V q, V p, float r0, float r1
 }
 
 // ---- token log-probability + entropy (RL) ----
-// Per row, s = z / T: logp = s_y - lse and H = -sum q log q = log l - c / l, with, against the
-// running max m, l = sum e, e = exp(s - m), and c = sum e (s - m) (0 where e = 0, so -inf
-// entries add nothing). Measuring c from m (not sum e s) avoids subtracting two numbers of the
+// Per row, s = z / T: logp = (s_y - m) - log l and H = -sum q log q = log l - c / l, with,
+// against the running max m, l = sum e, e = exp(s - m), and c = sum e (s - m) (0 where e = 0,
+// so -inf entries add nothing). Measuring c from m (not sum e s) avoids subtracting two numbers of the
 // logits' magnitude; all from one read.
 
 template <class Ops, class V>

@@ -115,3 +115,20 @@ def test_token_logprobs_with_large_logits(backend):
 def test_gpu_token_logprobs_with_large_logits(backend):
     _gpu_or_skip(backend)
     _check_token_logprobs(backend, device="cuda", V=1271)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "tvd"])
+def test_close_rows_whose_max_comes_late(backend, kind):
+    """The row max sits past the first 2048 logits, 50 above them (the CPU kernel takes its
+    exponentials against a running max and redoes a block only when its max overshoots by
+    more than a slack; a 60-unit slack rounded x - m at the size of 50)."""
+    g = torch.Generator().manual_seed(17)
+    s = torch.randn(6, 4200, generator=g, dtype=torch.float64) * 2.0
+    s[:, 2048:] += 50.0
+    t = s + torch.randn(6, 4200, generator=g, dtype=torch.float64) * 1e-3
+    s, t = s.float(), t.float()
+    got = H.pk().divergence(s, t, kind=kind, reduction="none", backend=backend).double()
+    want = ref.row_divergence(s.double(), t.double(), kind)
+    err = (got - want).abs().max()
+    assert err <= 5e-7, f"{kind}/{backend}: off by {err:.2e} (rows ~ {want.abs().mean():.2e})"
