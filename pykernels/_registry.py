@@ -488,15 +488,16 @@ class _TokenLogprobsK(torch.autograd.Function):
         _, _, stats = forward_op(logits, tokens[:, 0].contiguous(), inv_temperature, False)
         idx = tokens.long()
         picked = logits.gather(-1, idx.view(*logits.shape[:-1], K)).reshape(N, K)
-        logp = (picked.float() * inv_temperature - stats[:, 0:1]) - stats[:, 1:2]
-        ctx.save_for_backward(logits, idx, stats, logp)
+        # the gathered logits, not the output, are saved: a caller may modify the output in place
+        ctx.save_for_backward(logits, idx, stats, picked)
         ctx.inv_temperature, ctx.backend = inv_temperature, backend
-        return logp
+        return _logprobs_of_picked(picked, stats, inv_temperature)
 
     @staticmethod
     def backward(ctx, grad):
-        logits, idx, stats, logp = ctx.saved_tensors
+        logits, idx, stats, picked = ctx.saved_tensors
         inv_t = ctx.inv_temperature
+        logp = _logprobs_of_picked(picked, stats, inv_t)
         no_token = torch.full((idx.shape[0],), -1, dtype=torch.int64, device=idx.device)
         g = grad.float()
         grad_sum = g.sum(-1)
@@ -506,6 +507,11 @@ class _TokenLogprobsK(torch.autograd.Function):
         at_tokens = (_sum_over_equal(idx, g) - grad_sum[:, None] * logp.exp()) * inv_t
         dz.view(-1, dz.shape[-1]).scatter_(1, idx, at_tokens.to(dz.dtype))
         return dz, None, None, None
+
+
+def _logprobs_of_picked(picked: torch.Tensor, stats: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """log q of gathered logits [N, K] from the rows' saved normalisers: (s - m) - log S."""
+    return (picked.float() * inv_t - stats[:, 0:1]) - stats[:, 1:2]
 
 
 def _sum_over_equal(idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -961,6 +961,21 @@ def test_selective_log_softmax_grad_at_tokens_is_rounded_once(force_backend, ind
         f"worst excess {(err - bound).max():.3g}: got {x.grad[(err - bound).argmax() // V]}")
 
 
+@pytest.mark.parametrize("force_backend", BACKENDS, indirect=True)
+def test_selective_log_softmax_output_may_be_modified_in_place(force_backend):
+    """As with eager's gather, the K form's output is not saved for backward: scaling it in
+    place before backward works and gives the scaled gradient."""
+    z = H.make_logits((3, 29), FP32, seed=133)
+    index = torch.randint(0, 29, (3, 4), generator=torch.Generator().manual_seed(133))
+    x = z.clone().requires_grad_(True)
+    out = rl().selective_log_softmax(x, index)
+    out.mul_(3.0)
+    out.sum().backward()
+    z64 = z.to(F64).requires_grad_(True)
+    (g64,) = torch.autograd.grad(3.0 * R.selective_log_softmax(z64, index).sum(), z64)
+    H.assert_grad_close(x.grad, g64, FP32, what="selective_log_softmax grad after in-place scale")
+
+
 @pytest.mark.parametrize("force_backend", KERNEL_BACKENDS, indirect=True)
 def test_selective_log_softmax_k_form_reads_the_logits_once(force_backend):
     """[..., K] index: one forward and one backward op for all K (not K of each, which held K
