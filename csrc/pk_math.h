@@ -58,6 +58,18 @@ constexpr int kStatR0 = 4;       // kind-specific row scalar used by the student
 constexpr int kStatR1 = 5;       // kind-specific row scalar used by the teacher gradient
 constexpr int kStatsWidth = 6;
 
+// One stats row [kStatsWidth], written by the forward kernels and read by the backward ones.
+PK_HD void store_div_stats(float* st, const LogNorm& nq, const LogNorm& np, float r0, float r1) {
+  st[kStatMaxQ] = nq.m;
+  st[kStatLogSumQ] = nq.log_s;
+  st[kStatMaxP] = np.m;
+  st[kStatLogSumP] = np.log_s;
+  st[kStatR0] = r0;
+  st[kStatR1] = r1;
+}
+PK_HD LogNorm stats_norm_q(const float* st) { return {st[kStatMaxQ], st[kStatLogSumQ]}; }
+PK_HD LogNorm stats_norm_p(const float* st) { return {st[kStatMaxP], st[kStatLogSumP]}; }
+
 struct DivParams {
   int64_t kind;
   float w;        // beta (jsd) or alpha (skew); unused otherwise
@@ -326,6 +338,15 @@ constexpr int kLogprobStatMax = 0;
 constexpr int kLogprobStatLogSum = 1;
 constexpr int kLogprobStatEntropy = 2;
 constexpr int kLogprobStatsWidth = 3;
+
+PK_HD void store_logprob_stats(float* st, const LogNorm& n, float H) {
+  st[kLogprobStatMax] = n.m;
+  st[kLogprobStatLogSum] = n.log_s;
+  st[kLogprobStatEntropy] = H;
+}
+PK_HD LogNorm logprob_stats_norm(const float* st) {
+  return {st[kLogprobStatMax], st[kLogprobStatLogSum]};
+}
 
 // d(g_lp * logp + g_h * H) / d s_i without the one-hot part g_lp * 1[i == y], which the caller
 // adds at the token: -g_lp q_i - g_h q_i (log q_i + H), with q log q = 0 where q = 0.

@@ -232,7 +232,7 @@ float prob_factor(float m_blk, const math::LogNorm& n) {
 }
 
 // Probabilities of a block recomputed from the row's normaliser (backward pass).
-struct ProbsFromLse {
+struct ProbsFromNorm {
   static constexpr bool kCached = false;
   static constexpr bool kSkewCached = false;
   void block(int64_t /*b0*/, int64_t /*blk*/) {}
@@ -448,12 +448,7 @@ void forward_rows(const DivForwardArgs& a) {
       float loss, r0, r1;
       math::div_finalize(P, acc0, acc1, acc2, loss, r0, r1);
       a.row_loss[r] = loss;
-      stats[math::kStatMaxQ] = p1.nq.m;
-      stats[math::kStatLogSumQ] = p1.nq.log_s;
-      stats[math::kStatMaxP] = p1.np.m;
-      stats[math::kStatLogSumP] = p1.np.log_s;
-      stats[math::kStatR0] = r0;
-      stats[math::kStatR1] = r1;
+      math::store_div_stats(stats, p1.nq, p1.np, r0, r1);
       if constexpr (kGrad) {
         const float scale = a.row_weight * a.inv_t;
         if (skew) {
@@ -491,10 +486,9 @@ void backward_rows(const DivBackwardArgs& a) {
       const float* st = a.stats + r * math::kStatsWidth;
       write_grad_row<scalar_t, kStudent, kTeacher>(
           P, row_ptr<scalar_t>(a.student, a.T, r), row_ptr<scalar_t>(a.teacher, a.T, r), V,
-          a.inv_t, {st[math::kStatMaxQ], st[math::kStatLogSumQ]},
-          {st[math::kStatMaxP], st[math::kStatLogSumP]}, st[math::kStatR0], st[math::kStatR1],
-          a.grad_row[r] * a.inv_t, gs_row, gt_row, ProbsFromLse{}, sb, sb + kBlock,
-          sb + 2 * kBlock, sb + 3 * kBlock);
+          a.inv_t, math::stats_norm_q(st), math::stats_norm_p(st), st[math::kStatR0],
+          st[math::kStatR1], a.grad_row[r] * a.inv_t, gs_row, gt_row, ProbsFromNorm{}, sb,
+          sb + kBlock, sb + 2 * kBlock, sb + 3 * kBlock);
     }
   });
 }

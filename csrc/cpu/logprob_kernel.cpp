@@ -85,10 +85,7 @@ void forward_rows(const LogprobForwardArgs& a) {
       a.logp[r] =
           y < 0 ? NAN : math::log_prob<ScalarOps>(static_cast<float>(row[y]) * a.inv_t, rl.norm);
       if (a.entropy) a.entropy[r] = rl.entropy;
-      float* st = a.stats + r * math::kLogprobStatsWidth;
-      st[math::kLogprobStatMax] = rl.norm.m;
-      st[math::kLogprobStatLogSum] = rl.norm.log_s;
-      st[math::kLogprobStatEntropy] = rl.entropy;
+      math::store_logprob_stats(a.stats + r * math::kLogprobStatsWidth, rl.norm, rl.entropy);
     }
   });
 }
@@ -127,8 +124,7 @@ void backward_rows(const LogprobBackwardArgs& a) {
     for (int64_t r = begin; r < end; ++r) {
       const float g_h = a.grad_entropy ? a.grad_entropy[r] : 0.f;
       const float* st = a.stats + r * math::kLogprobStatsWidth;
-      grad_row(row_ptr<scalar_t>(a.logits, a.T, r), V, a.inv_t,
-               {st[math::kLogprobStatMax], st[math::kLogprobStatLogSum]},
+      grad_row(row_ptr<scalar_t>(a.logits, a.T, r), V, a.inv_t, math::logprob_stats_norm(st),
                st[math::kLogprobStatEntropy], a.grad_logp[r], g_h, token_of(a, r), out + r * V,
                buf.data(), buf.data() + kBlock);
     }

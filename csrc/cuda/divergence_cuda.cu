@@ -283,14 +283,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   st = block_merge_stats<KIND>(st, sh_stats);
   const math::LogNorm nq = math::log_norm(st.mq, st.sq);
   const math::LogNorm np = math::log_norm(st.mt, st.st);
-  const auto store_stats = [&](float r0, float r1) {
-    st_out[math::kStatMaxQ] = nq.m;
-    st_out[math::kStatLogSumQ] = nq.log_s;
-    st_out[math::kStatMaxP] = np.m;
-    st_out[math::kStatLogSumP] = np.log_s;
-    st_out[math::kStatR0] = r0;
-    st_out[math::kStatR1] = r1;
-  };
 
   if constexpr (KIND == math::kForwardKL) {
     if (tid == 0) {
@@ -298,7 +290,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       const float kl = math::fkl_from_cross(st.cross, st.mt, st.st, st.mq, st.sq);
       math::div_finalize(P, kl, 0.f, 0.f, loss, r0, r1);
       row_loss[r] = loss;
-      store_stats(r0, r1);
+      math::store_div_stats(st_out, nq, np, r0, r1);
     }
     return;
   } else {
@@ -334,7 +326,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       float loss, r0, r1;
       math::div_finalize(P, acc[0], acc[1], acc[2], loss, r0, r1);
       row_loss[r] = loss;
-      store_stats(r0, r1);
+      math::store_div_stats(st_out, nq, np, r0, r1);
     }
   }
 }
@@ -370,8 +362,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const float grow = grad_row[r];
   const float* st = stats + r * math::kStatsWidth;
-  const math::LogNorm nq{st[math::kStatMaxQ], st[math::kStatLogSumQ]};
-  const math::LogNorm np{st[math::kStatMaxP], st[math::kStatLogSumP]};
+  const math::LogNorm nq = math::stats_norm_q(st);
+  const math::LogNorm np = math::stats_norm_p(st);
   const float r0 = st[math::kStatR0];
   const float r1 = st[math::kStatR1];
 

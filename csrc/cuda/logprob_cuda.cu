@@ -179,10 +179,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float H = math::entropy_from_sums(st.c, st.l);
     logp[r] = y >= 0 ? math::log_prob<ScalarOps>(sh_sy, norm) : NAN;
     if (entropy != nullptr) entropy[r] = H;
-    float* st_out = stats + r * math::kLogprobStatsWidth;
-    st_out[math::kLogprobStatMax] = norm.m;
-    st_out[math::kLogprobStatLogSum] = norm.log_s;
-    st_out[math::kLogprobStatEntropy] = H;
+    math::store_logprob_stats(stats + r * math::kLogprobStatsWidth, norm, H);
   }
 }
 
@@ -203,7 +200,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const float g_lp = grad_logp[r];
   const float g_h = grad_ent != nullptr ? grad_ent[r] : 0.f;
   const float* st = stats + r * math::kLogprobStatsWidth;
-  const math::LogNorm norm{st[math::kLogprobStatMax], st[math::kLogprobStatLogSum]};
+  const math::LogNorm norm = math::logprob_stats_norm(st);
   const float H = st[math::kLogprobStatEntropy];
   const float onehot = g_lp * inv_t;
   const int64_t y = token_of(a, r);  // -1 matches no element: the one-hot term is skipped
