@@ -34,7 +34,7 @@ def _check_tokens(name: str, tokens, logits: torch.Tensor, per_row: bool = False
                          f"{' + (K,)' if per_row else ''}, got {tuple(tokens.shape)}")
     if tokens.device != logits.device:
         raise ValueError(f"{name} is on {tokens.device} but the logits are on {logits.device}")
-    flat = tokens.reshape(-1, tokens.shape[-1]) if per_row else tokens.reshape(-1)
+    flat = tokens.reshape(lead.numel(), tokens.shape[-1]) if per_row else tokens.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
         flat = flat.long()
     flat = flat.contiguous()
@@ -50,11 +50,16 @@ def _check_tokens(name: str, tokens, logits: torch.Tensor, per_row: bool = False
     return flat
 
 
-def _token_logprob(logits, tokens, temperature, with_entropy, backend, name="tokens"):
+def _checked_inputs(logits, tokens, backend, name, per_row=False):
+    """(resolved backend, flattened tokens) after validating the logits and the tokens."""
     _validate.logits("logits", logits)
-    temperature = _validate.temperature(temperature)
     backend = _backend.resolve_backend(_validate.backend(backend), logits)
-    flat = _check_tokens(name, tokens, logits)
+    return backend, _check_tokens(name, tokens, logits, per_row)
+
+
+def _token_logprob(logits, tokens, temperature, with_entropy, backend, name="tokens"):
+    temperature = _validate.temperature(temperature)
+    backend, flat = _checked_inputs(logits, tokens, backend, name)
     logp, ent = _registry.token_logprob_rows(backend, logits, flat, 1.0 / temperature, with_entropy)
     lead = logits.shape[:-1]
     return logp.reshape(lead), (ent.reshape(lead) if with_entropy else None)
@@ -153,10 +158,8 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     logits' leading shape (one token per position) or [..., K] (K tokens per position, from one
     read of the logits and one gradient buffer)."""
     if isinstance(index, torch.Tensor) and isinstance(logits, torch.Tensor) and index.dim() == logits.dim():
+        backend, flat = _checked_inputs(logits, index, "auto", "index", per_row=True)
         if index.shape[-1] == 0:
             return logits.new_empty(index.shape, dtype=torch.float32)
-        _validate.logits("logits", logits)
-        backend = _backend.resolve_backend("auto", logits)
-        flat = _check_tokens("index", index, logits, per_row=True)
         return _registry.token_logprobs_k(backend, logits, flat, 1.0).reshape(index.shape)
     return _token_logprob(logits, index, 1.0, False, "auto", name="index")[0]

@@ -1007,6 +1007,21 @@ def test_selective_log_softmax_k_form_reads_the_logits_once(force_backend):
     H.assert_grad_close(x.grad, g64, FP32, what="selective_log_softmax K=4 grad on a slice")
 
 
+def test_selective_log_softmax_k_zero_is_empty_and_still_validated():
+    """An [..., 0] index gives an empty [..., 0] result, as eager's gather does; the inputs are
+    checked all the same (an empty index is no licence for integer logits or float ids)."""
+    z = H.make_logits((2, 3, 11), FP32, seed=31)
+    empty = torch.zeros(2, 3, 0, dtype=torch.int64)
+    out = rl().selective_log_softmax(z, empty)
+    assert out.shape == (2, 3, 0) and out.dtype == torch.float32
+    with pytest.raises(TypeError, match="logits"):
+        rl().selective_log_softmax(z.long(), empty)
+    with pytest.raises(TypeError, match="index"):
+        rl().selective_log_softmax(z, empty.float())
+    with pytest.raises(ValueError, match="index"):
+        rl().selective_log_softmax(z, torch.zeros(2, 4, 0, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backward_op_without_a_token_has_no_one_hot_term(backend):
     """A token outside [0, V) in the backward op adds no one-hot term: the gradient is
