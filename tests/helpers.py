@@ -99,6 +99,24 @@ def make_logits(shape, dtype=FP32, seed=0, scale=2.0, device="cpu") -> torch.Ten
     return x.to(dtype).to(device)
 
 
+def rows_far_apart(shape, dtype=BF16, seed=0, scale=2.0) -> torch.Tensor:
+    """Random logits of `shape` [..., V] whose consecutive rows lie 2**31 + 7 elements apart in
+    one storage, so any row offset formed in 32 bits overflows. Only the rows' own pages are
+    written: the storage is mostly untouched virtual memory (a few MB resident)."""
+    *lead, V = shape
+    rows = math.prod(lead)
+    row_stride = 2**31 + 7
+    storage = torch.empty((rows - 1) * row_stride + V, dtype=dtype)
+    strides = [1]
+    step = row_stride
+    for size in reversed(lead):  # row-major over the leading dims
+        strides.insert(0, step)
+        step *= size
+    view = storage.as_strided(tuple(shape), tuple(strides))
+    view.copy_(make_logits(shape, dtype, seed, scale))
+    return view
+
+
 def avoid_tvd_ties(student, teacher, temperature=1.0, rel=1e-3, max_iter=20):
     """Nudge teacher logits so no entry has p_i ~= q_i (relative gap < rel).
 

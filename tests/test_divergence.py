@@ -670,6 +670,24 @@ def test_gpu_masking_and_reductions(backend, reduction):
     assert not out.any()
 
 
+def test_cpu_rows_2_31_elements_apart():
+    """64-bit row offsets in the CPU kernels: bf16 rows 2**31 + 7 elements apart in one storage
+    (row * stride overflows int32), read in place, with student and teacher gradients (the
+    storage is untouched virtual memory; the Triton interpreter is left out, as it may copy it)."""
+    if "cpu" not in H.pk().available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    s = H.rows_far_apart((2, 3000), BF16, seed=301).requires_grad_(True)
+    t = H.rows_far_apart((2, 3000), BF16, seed=302).requires_grad_(True)
+    go = torch.tensor([0.7, -1.3])
+    out = H.pk().jsd(s, t, beta=0.3, reduction="none", backend="cpu")
+    out.backward(go)
+    loss_ref, gs_ref, gt_ref = ref.loss_and_grads(s, t, "jsd", beta=0.3, reduction="none",
+                                                  grad_output=go)
+    H.assert_loss_close(out.detach(), loss_ref, BF16, what="rows far apart")
+    H.assert_grad_close(s.grad, gs_ref, BF16, what="student grad, rows far apart")
+    H.assert_grad_close(t.grad, gt_ref, BF16, what="teacher grad, rows far apart")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_int64_offsets(backend):

@@ -1394,6 +1394,29 @@ def test_gpu_dropins_and_kl_penalty():
                             R.kl_penalty(logp, ref, mode), FP32, what=f"gpu {mode}")
 
 
+def test_cpu_rows_2_31_elements_apart():
+    """64-bit row offsets in the CPU token log-prob kernels: bf16 rows 2**31 + 7 elements apart
+    in one storage (row * stride overflows int32), read in place; log-probs, entropy and the
+    gradient through both, and the K-token form."""
+    if "cpu" not in pk().available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    z = H.rows_far_apart((2, 2500), BF16, seed=303).requires_grad_(True)
+    tok = torch.tensor([17, 2498])
+    logp, ent = pk().token_logprobs(z, tok, return_entropy=True, backend="cpu")
+    go_l, go_h = torch.tensor([1.1, -0.4]), torch.tensor([0.3, 0.9])
+    torch.autograd.backward((logp, ent), (go_l, go_h))
+    z64 = z.detach().to(F64).requires_grad_(True)
+    l64, h64 = R.token_logprobs_and_entropy(z64, tok)
+    H.assert_loss_close(logp.detach(), l64.detach(), BF16, what="logp, rows far apart")
+    H.assert_loss_close(ent.detach(), h64.detach(), BF16, what="entropy, rows far apart")
+    (g64,) = torch.autograd.grad((l64, h64), z64, (go_l.to(F64), go_h.to(F64)))
+    H.assert_grad_close(z.grad, g64, BF16, what="grad, rows far apart")
+    index = torch.tensor([[0, 5, 2499], [7, 7, 100]])
+    got = rl().selective_log_softmax(z.detach(), index)
+    H.assert_loss_close(got, R.selective_log_softmax(z.detach().to(F64), index), BF16,
+                        what="K form, rows far apart")
+
+
 @pytest.mark.gpu
 def test_gpu_int64_offsets():
     """N * V > 2**31: row * stride overflows int32.  Checks the last rows only."""

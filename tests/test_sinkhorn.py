@@ -198,6 +198,26 @@ def test_softmax_cdist_strided_rows_no_copy(cpu_backend, monkeypatch):
     _assert_close(gt, rgt, GRAD_REL[FP32], "strided teacher grad")
 
 
+@pytest.mark.parametrize("cost", COSTS)
+def test_softmax_cdist_cpu_rows_2_31_elements_apart(cost):
+    """64-bit row offsets in the CPU cdist kernels: bf16 rows 2**31 + 7 elements apart in one
+    storage (row * stride overflows int32), read in place, with both gradients (the storage is
+    untouched virtual memory; the Triton interpreter is left out, as it may copy it)."""
+    pk = H.pk()
+    if "cpu" not in pk.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    s = H.rows_far_apart((2, 2000), BF16, seed=304).requires_grad_(True)
+    t = H.rows_far_apart((2, 2000), BF16, seed=305).requires_grad_(True)
+    grad_c = H.make_logits((2, 2), FP32, seed=306, scale=1.0)
+    C = pk.softmax_cdist(s, t, cost=cost, temperature=1.5, backend="cpu")
+    C.backward(grad_c)
+    rC, rgs, rgt = _oracle_cdist(s.detach(), t.detach(), cost, 1.5, grad_c)
+    _assert_c_close(C.detach(), rC, f"{cost} C, rows far apart")
+    floor = _cdist_floor(grad_c, 1.5)
+    _assert_close(s.grad, rgs, GRAD_REL[BF16], f"{cost} student grad, rows far apart", floor)
+    _assert_close(t.grad, rgt, GRAD_REL[BF16], f"{cost} teacher grad, rows far apart", floor)
+
+
 def test_softmax_cdist_teacher_without_grad(cpu_backend):
     pk = H.pk()
     s = H.make_logits((5, 30), FP32, seed=18).requires_grad_(True)
