@@ -60,16 +60,17 @@ TORCH_LIBRARY(pykernels, m) {
       "Tensor tokens, Tensor stats, float inv_temperature) -> Tensor");
   // Cost matrix between the softmax rows of student [Bt, Gs, V] and teacher [Bt, Gt, V]
   // (unit vocabulary stride), cost 0 = l1, 1 = squared euclidean (pk_math.h CdistCost). Returns
-  // (C [Bt, Gs, Gt], A [Bt, Gs, Gt], lse_s [Bt*Gs], lse_t [Bt*Gt]) in fp32, with
-  // C_ij = sum_v phi(q_iv - p_jv) and A_ij = sum_v q_iv phi'(q_iv - p_jv). Rows flagged false in
-  // row_valid ([Bt*G] bool, only when Gs == Gt) have all-zero probabilities.
+  // (C [Bt, Gs, Gt], A [Bt, Gs, Gt], norm_s [Bt*Gs, 2], norm_t [Bt*Gt, 2]) in fp32, with
+  // C_ij = sum_v phi(q_iv - p_jv), A_ij = sum_v q_iv phi'(q_iv - p_jv) and each row's softmax
+  // normaliser (m, 1 / S) (pk_math.h ProbNorm). Rows flagged false in row_valid ([Bt*G] bool,
+  // only when Gs == Gt) have all-zero probabilities.
   m.def(
       "softmax_cdist_forward(Tensor student, Tensor teacher, Tensor? row_valid, int cost, "
       "float inv_temperature) -> (Tensor, Tensor, Tensor, Tensor)");
   // One side's gradient: dz_x = inv_t * q_x * (sum_j weight_ij phi'(q_x,i - q_y,j) - dot_x,i)
   // for x [Bt, Gx, V], y [Bt, Gy, V], weight [Bt, Gx, Gy], dot_x [Bt*Gx]; contiguous, x's dtype.
   m.def(
-      "softmax_cdist_backward(Tensor weight, Tensor x, Tensor y, Tensor lse_x, Tensor lse_y, "
+      "softmax_cdist_backward(Tensor weight, Tensor x, Tensor y, Tensor norm_x, Tensor norm_y, "
       "Tensor dot_x, Tensor? row_valid, int cost, float inv_temperature) -> Tensor");
   // Log-domain Sinkhorn iterations on log_k [groups, g, g] fp32 (-C / eps, -inf on masked
   // pairs): n_iters times every row, then every column, minus its logsumexp; lines flagged

@@ -225,26 +225,26 @@ inline void check_f32(const at::Tensor& t, at::IntArrayRef sizes, const char* na
               t.sizes());
 }
 
-// The forward op's outputs (C, A, lse_s, lse_t), fp32 on the logits' device.
+// The forward op's outputs (C, A, norm_s, norm_t), fp32 on the logits' device.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cdist_outputs(
     const at::Tensor& student, const at::Tensor& teacher) {
   const int64_t Bt = student.size(0), Gs = student.size(1), Gt = teacher.size(1);
   const auto f32 = student.options().dtype(at::kFloat);
-  return {at::empty({Bt, Gs, Gt}, f32), at::empty({Bt, Gs, Gt}, f32), at::empty({Bt * Gs}, f32),
-          at::empty({Bt * Gt}, f32)};
+  return {at::empty({Bt, Gs, Gt}, f32), at::empty({Bt, Gs, Gt}, f32),
+          at::empty({Bt * Gs, math::kNormWidth}, f32), at::empty({Bt * Gt, math::kNormWidth}, f32)};
 }
 
 // The backward op's contract, checked once for every device's kernel.
 inline void check_cdist_backward(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& y,
-                                 const at::Tensor& lse_x, const at::Tensor& lse_y,
+                                 const at::Tensor& norm_x, const at::Tensor& norm_y,
                                  const at::Tensor& dot_x,
                                  const std::optional<at::Tensor>& row_valid, int64_t cost,
                                  c10::DeviceType device_type) {
   check_cdist_pair(x, y, row_valid, cost, device_type, "x", "y");
   const int64_t Bt = x.size(0), Gx = x.size(1), Gy = y.size(1);
   check_f32(weight, {Bt, Gx, Gy}, "weight", x);
-  check_f32(lse_x, {Bt * Gx}, "lse_x", x);
-  check_f32(lse_y, {Bt * Gy}, "lse_y", x);
+  check_f32(norm_x, {Bt * Gx, math::kNormWidth}, "norm_x", x);
+  check_f32(norm_y, {Bt * Gy, math::kNormWidth}, "norm_y", x);
   check_f32(dot_x, {Bt * Gx}, "dot_x", x);
 }
 

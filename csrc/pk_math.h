@@ -365,6 +365,32 @@ enum CdistCost : int64_t {
   kNumCdistCosts = 2,
 };
 
+// Each softmax row's normaliser as the cdist ops keep it, a [rows, kNormWidth] fp32 tensor of
+// (m, 1 / S), S = sum exp(x - m): q = exp(x - m) * (1 / S), eager softmax's order. The costs
+// need probabilities, not their logs, and exp((x - m) - log S) would round its argument at the
+// size of log q: a relative error of |log q| * 6e-8 in q, enough to flip sign(q - p) between
+// close rows in the l1 cost. m is the row max (or a row_valid-false row's +inf, which with
+// 1 / S = 0 gives it zero probabilities wherever a kernel does not test row_valid itself).
+struct ProbNorm {
+  float m;
+  float inv_s;
+};
+constexpr int kNormWidth = 2;
+
+PK_HD ProbNorm prob_norm(float m, float s) { return {m, 1.f / s}; }
+PK_HD ProbNorm masked_row_norm() { return {INFINITY, 0.f}; }
+PK_HD void store_norm(float* norm, int64_t row, const ProbNorm& n) {
+  norm[row * kNormWidth] = n.m;
+  norm[row * kNormWidth + 1] = n.inv_s;
+}
+PK_HD ProbNorm load_norm(const float* norm, int64_t row) {
+  return {norm[row * kNormWidth], norm[row * kNormWidth + 1]};
+}
+template <class Ops, class V>
+PK_HD V softmax_prob(V x, const ProbNorm& n) {
+  return Ops::exp(x - Ops::splat(n.m)) * Ops::splat(n.inv_s);
+}
+
 template <int64_t Cost, class Ops, class V>
 PK_HD V cost_value(V d) {
   if constexpr (Cost == kCostL1) {

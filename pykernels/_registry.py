@@ -28,6 +28,7 @@ _LIB = "pykernels"
 # (max, log sum-exp against it), then the divergence's two row scalars or the entropy.
 STATS_WIDTH = 6
 LOGPROB_STATS_WIDTH = 3
+NORM_WIDTH = 2  # a cdist row's softmax normaliser (max, log sum): pk_math.h kNormWidth
 
 
 def _rows(student: torch.Tensor) -> int:
@@ -225,32 +226,33 @@ _PAIRS["logprob"] = (_fake_logprob_forward, _fake_logprob_backward, _logprob_aut
 
 # ------------------------------------------------------------------------- softmax cdist
 # softmax_cdist_forward(student [Bt, Gs, V], teacher [Bt, Gt, V], row_valid, cost, inv_t)
-#   -> (C [Bt, Gs, Gt], A [Bt, Gs, Gt], lse_s [Bt*Gs], lse_t [Bt*Gt]), all fp32, where with
-#   q_i, p_j the softmaxes and phi the cost per element (|d| or d^2, d = q_iv - p_jv):
-#   C_ij = sum_v phi(d), A_ij = sum_v q_iv phi'(d).
-# softmax_cdist_backward(W [Bt, Gx, Gy], x, y, lse_x, lse_y, dot_x, row_valid, cost, inv_t)
+#   -> (C [Bt, Gs, Gt], A [Bt, Gs, Gt], norm_s [Bt*Gs, NORM_WIDTH], norm_t [Bt*Gt, NORM_WIDTH]),
+#   all fp32, where with q_i, p_j the softmaxes and phi the cost per element (|d| or d^2,
+#   d = q_iv - p_jv): C_ij = sum_v phi(d), A_ij = sum_v q_iv phi'(d); norm: each row's (m, log S).
+# softmax_cdist_backward(W [Bt, Gx, Gy], x, y, norm_x, norm_y, dot_x, row_valid, cost, inv_t)
 #   -> dz_x = inv_t q_x (sum_j W_ij phi'(q_x,i - q_y,j) - dot_x,i), in x's dtype.
 # phi' is odd, so the teacher gradient is the same op with the sides swapped and W = dC^T.
 # From dC: dot_s,i = sum_j dC_ij A_ij and, as sum_v d phi'(d) = k phi(d) (k = 1 for l1, 2 for
 # the squared distance), dot_t,j = sum_i dC_ij (k C_ij - A_ij). Saved: the inputs, C, A and the
-# per-row lse: O(G^2 + G), never a G x V tensor.
+# per-row normalisers: O(G^2 + G), never a G x V tensor.
 def _fake_cdist_forward(student, teacher, row_valid, cost, inv_temperature):
     bt, gs, gt = student.shape[0], student.shape[1], teacher.shape[1]
     f32 = dict(dtype=torch.float32)
     return (student.new_empty((bt, gs, gt), **f32), student.new_empty((bt, gs, gt), **f32),
-            student.new_empty((bt * gs,), **f32), student.new_empty((bt * gt,), **f32))
+            student.new_empty((bt * gs, NORM_WIDTH), **f32),
+            student.new_empty((bt * gt, NORM_WIDTH), **f32))
 
 
-def _fake_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid, cost, inv_temperature):
+def _fake_cdist_backward(weight, x, y, norm_x, norm_y, dot_x, row_valid, cost, inv_temperature):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_cdist_context(ctx, inputs, output):
     student, teacher, row_valid, cost, inv_temperature = inputs
-    C, A, lse_s, lse_t = output
-    ctx.save_for_backward(student, teacher, row_valid, C, A, lse_s, lse_t)
+    C, A, norm_s, norm_t = output
+    ctx.save_for_backward(student, teacher, row_valid, C, A, norm_s, norm_t)
     ctx.params = (cost, inv_temperature)
-    ctx.mark_non_differentiable(A, lse_s, lse_t)
+    ctx.mark_non_differentiable(A, norm_s, norm_t)
     ctx.set_materialize_grads(False)
 
 
@@ -258,18 +260,18 @@ def _cdist_autograd_backward(backward_op):
     def backward(ctx, grad_c, *_unused):
         if grad_c is None:
             return (None,) * 5
-        student, teacher, row_valid, C, A, lse_s, lse_t = ctx.saved_tensors
+        student, teacher, row_valid, C, A, norm_s, norm_t = ctx.saved_tensors
         cost, inv_temperature = ctx.params
         grad_c = grad_c.to(torch.float32).contiguous()
         grad_s = grad_t = None
         if ctx.needs_input_grad[0]:
             dot_s = (grad_c * A).sum(-1).reshape(-1)
-            grad_s = backward_op(grad_c, student, teacher, lse_s, lse_t, dot_s, row_valid, cost,
+            grad_s = backward_op(grad_c, student, teacher, norm_s, norm_t, dot_s, row_valid, cost,
                                  inv_temperature)
         if ctx.needs_input_grad[1]:
             k = 1.0 if cost == 0 else 2.0
             dot_t = (grad_c * (k * C - A)).sum(-2).reshape(-1)
-            grad_t = backward_op(grad_c.transpose(1, 2).contiguous(), teacher, student, lse_t, lse_s,
+            grad_t = backward_op(grad_c.transpose(1, 2).contiguous(), teacher, student, norm_t, norm_s,
                                  dot_t, row_valid, cost, inv_temperature)
         return grad_s, grad_t, None, None, None
 
@@ -428,11 +430,11 @@ if _backend.HAS_TRITON:
 
     @triton_op(f"{_LIB}::triton_softmax_cdist_backward", mutates_args=())
     def triton_softmax_cdist_backward(
-        weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lse_x: torch.Tensor,
-        lse_y: torch.Tensor, dot_x: torch.Tensor, row_valid: Optional[torch.Tensor], cost: int,
+        weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, norm_x: torch.Tensor,
+        norm_y: torch.Tensor, dot_x: torch.Tensor, row_valid: Optional[torch.Tensor], cost: int,
         inv_temperature: float,
     ) -> torch.Tensor:
-        return _triton_cdist.softmax_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid,
+        return _triton_cdist.softmax_cdist_backward(weight, x, y, norm_x, norm_y, dot_x, row_valid,
                                                     cost, inv_temperature, _wrap=_launch_wrapper())
 
     _register_op_pair("cdist", "triton_softmax_cdist_forward", "triton_softmax_cdist_backward",

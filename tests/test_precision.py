@@ -132,3 +132,45 @@ def test_close_rows_whose_max_comes_late(backend, kind):
     want = ref.row_divergence(s.double(), t.double(), kind)
     err = (got - want).abs().max()
     assert err <= 5e-7, f"{kind}/{backend}: off by {err:.2e} (rows ~ {want.abs().mean():.2e})"
+
+
+def _check_cdist(backend, cost, offset, temperature, device="cpu", G=6, V=1000):
+    """Cost matrix between close rows (the diagonal pairs differ by 0.05 noise) with large
+    logits: the probabilities must be as accurate as eager's exp(z - m) / S, or sign(q - p) of
+    the l1 cost flips at near-equal entries (s - lse gave l1 gradients 1e3 times eager's error
+    at offset 1000). Tolerances: a few times fp32 eager's on these inputs."""
+    import reference_sinkhorn as RS
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(G, V, generator=g, dtype=torch.float64) * 3.0 + offset
+    s = (base + 0.05 * torch.randn(G, V, generator=g, dtype=torch.float64)).float()
+    t = base.float()
+    w = torch.randn(G, G, generator=g)
+    student = s.to(device, copy=True).requires_grad_()
+    teacher = t.to(device, copy=True).requires_grad_()
+    C = H.pk().softmax_cdist(student, teacher, cost=cost, temperature=temperature, backend=backend)
+    (C * w.to(device)).sum().backward()
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    C64 = RS.softmax_cdist(s64, t64, cost, temperature)
+    (C64 * w.double()).sum().backward()
+    cerr = ((C.detach().double().cpu() - C64.detach()).abs() / (1e-2 + C64.detach().abs())).max()
+    assert cerr <= 1e-4, f"{cost}/{backend}: C off by {cerr:.2e} (relative, floor 1e-2)"
+    for name, gr, g64 in (("student", student.grad, s64.grad), ("teacher", teacher.grad, t64.grad)):
+        gerr = (gr.double().cpu() - g64).abs().max() / g64.abs().max()
+        assert gerr <= 6e-5, f"{cost}/{backend}: {name} gradient off by {gerr:.2e} of max |grad|"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cost", ["l1", "sqeuclidean"])
+@pytest.mark.parametrize("offset,temperature", OFFSETS, ids=OFFSET_IDS)
+def test_softmax_cdist_of_close_rows_with_large_logits(backend, cost, offset, temperature):
+    _check_cdist(backend, cost, offset, temperature)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("cost", ["l1", "sqeuclidean"])
+@pytest.mark.parametrize("offset,temperature", OFFSETS, ids=OFFSET_IDS)
+def test_gpu_softmax_cdist_of_close_rows_with_large_logits(backend, cost, offset, temperature):
+    _gpu_or_skip(backend)
+    _check_cdist(backend, cost, offset, temperature, device="cuda")

@@ -178,7 +178,8 @@ def _bad_side_input_cases():
         ("logprob", "stats", lambda: torch.zeros(N, 1)),
         ("logprob", "stats", lambda: torch.zeros(N - 1, LOGPROB_STATS_WIDTH)),
         ("cdist", "weight", lambda: torch.ones(2, 3, 2)),
-        ("cdist", "lse_x", lambda: torch.zeros(5)),
+        ("cdist", "norm_x", lambda: torch.zeros(6)),
+        ("cdist", "norm_y", lambda: torch.zeros(6, 2)[:, :1]),
         ("cdist", "dot_x", lambda: torch.zeros(12)[::2]),
         ("cdist", "row_valid", lambda: torch.ones(5, dtype=torch.bool)),
     ]
@@ -207,9 +208,9 @@ def test_ops_direct_reject_bad_side_inputs(backend, family, arg, make_bad):
         call = lambda: getattr(ops, prefix + "token_logprob_backward")(*args.values(), 1.0)
     else:
         x, y = s[:, :, :7].contiguous(), t[:, :, :7].contiguous()  # [Bt=2, G=3, V=7]
-        C, A, lse_x, lse_y = getattr(ops, prefix + "softmax_cdist_forward")(x, y, row_valid, 1, 1.0)
+        C, A, norm_x, norm_y = getattr(ops, prefix + "softmax_cdist_forward")(x, y, row_valid, 1, 1.0)
         dot_x = torch.zeros(6)
-        args = dict(weight=torch.ones(2, 3, 3), x=x, y=y, lse_x=lse_x, lse_y=lse_y, dot_x=dot_x,
+        args = dict(weight=torch.ones(2, 3, 3), x=x, y=y, norm_x=norm_x, norm_y=norm_y, dot_x=dot_x,
                     row_valid=row_valid)
         args[arg] = make_bad()
         call = lambda: getattr(ops, prefix + "softmax_cdist_backward")(*args.values(), 1, 1.0)

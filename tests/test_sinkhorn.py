@@ -614,11 +614,11 @@ def test_opcheck_cpu_sinkhorn_iterations(with_mask):
 def test_opcheck_cpu_cdist(cost, with_mask):
     torch.library.opcheck(torch.ops.pykernels.softmax_cdist_forward, _op_args(cost, with_mask))
     s, t, mask, _, _ = _op_args(cost, with_mask)
-    C, A, lse_s, lse_t = torch.ops.pykernels.softmax_cdist_forward(s.detach(), t.detach(), mask, cost, 0.8)
+    C, A, norm_s, norm_t = torch.ops.pykernels.softmax_cdist_forward(s.detach(), t.detach(), mask, cost, 0.8)
     w = torch.randn(2, 5, 5)
     dot = torch.randn(10)
     torch.library.opcheck(torch.ops.pykernels.softmax_cdist_backward,
-                          (w, s.detach(), t.detach(), lse_s, lse_t, dot, mask, cost, 0.8))
+                          (w, s.detach(), t.detach(), norm_s, norm_t, dot, mask, cost, 0.8))
 
 
 @pytest.mark.skipif("triton" not in H.cpu_backends(), reason="Triton interpreter not active")

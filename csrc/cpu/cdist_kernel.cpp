@@ -2,7 +2,7 @@
 // elementwise l1 kernels below, and the probability slabs from which cdist_cpu.cpp computes the
 // squared distance with matrix multiplies.
 //
-// Forward: one pass per row for its log-sum-exp, then one task per (batch, tile of kTile
+// Forward: one pass per row for its normaliser (max, 1 / sum-exp), then one task per (batch, tile of kTile
 // student rows): the vocabulary is walked in blocks of kVBlock; the tile's probabilities of a
 // block are computed once into L1, and each teacher row's block once per tile, then every
 // (i, j) pair of the tile reduces phi(q - p) and q phi'(q - p) over the block. Exponentials:
@@ -32,10 +32,11 @@ constexpr int64_t kTile = 16;     // rows of one side per task
 constexpr int64_t kVBlock = 1024;
 constexpr int64_t kVBlockBwd = 256;
 
-// log sum_v exp(z_v * inv_t) of one row: blocked online max, then the sum rescaled on max
-// updates. NaN anywhere gives NaN; an all -inf row gives -inf.
+// The ProbNorm (max m, 1 / sum_v exp(z_v * inv_t - m)) of one row: blocked online max, then
+// the sum rescaled on max updates. NaN anywhere gives NaN; an all -inf row gives m = -inf
+// (NaN probabilities, as eager's softmax).
 template <typename scalar_t>
-PK_FLATTEN float row_lse(const scalar_t* row, int64_t V, float inv_t, float* buf) {
+PK_FLATTEN math::ProbNorm row_norm(const scalar_t* row, int64_t V, float inv_t, float* buf) {
   float m = -INFINITY;
   Vec acc(0.f);
   float tail = 0.f;
@@ -54,48 +55,50 @@ PK_FLATTEN float row_lse(const scalar_t* row, int64_t V, float inv_t, float* buf
     for (; i + kLanes <= n; i += kLanes) acc = acc + VecOps::exp(Vec::loadu(x + i) - vm);
     for (; i < n; ++i) tail += ::expf(x[i] - m);
   }
-  return math::lse_value(m, hsum(acc) + tail);
+  return math::prob_norm(m, hsum(acc) + tail);
 }
 
-// max_v z_v * inv_t of one row (NaN anywhere gives NaN); no exponentials.
+// (max_v z_v * inv_t, 1) of one row (NaN anywhere gives NaN); no exponentials: with 1 / S = 1
+// the probability slabs are the unnormalised exp(z inv_t - m), normalised afterwards.
 template <typename scalar_t>
-PK_FLATTEN float row_max(const scalar_t* row, int64_t V, float inv_t, float* buf) {
+PK_FLATTEN math::ProbNorm row_max(const scalar_t* row, int64_t V, float inv_t, float* buf) {
   float m = -INFINITY;
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t n = std::min(kBlock, V - b0);
     m = nan_max(m, block_max(block_values(row + b0, n, inv_t, buf), n));
   }
-  return m;
+  return {m, 1.f};
 }
 
 inline bool row_is_valid(const bool* row_valid, int64_t r) { return row_valid == nullptr || row_valid[r]; }
 
-// dst[0:n] = exp(z * inv_t - shift[r]) of row r (b * G + i) of a [Bt, G, V] view over the
-// columns [v0, v0 + n) (the softmax probabilities when shift is the lse), or zeros for a
-// masked row.
+// dst[0:n] = exp(z * inv_t - m) / S of row r (b * G + i) of a [Bt, G, V] view over the
+// columns [v0, v0 + n), with (m, 1 / S) = norm's row r (the softmax probabilities; see
+// ProbSlabArgs for 1 / S = 1), or zeros for a masked row.
 template <typename scalar_t>
 PK_FLATTEN void row_block_probs(const RowsView& view, int64_t G, int64_t r, int64_t v0, int64_t n,
-                                float inv_t, const float* shift, const bool* row_valid, float* dst) {
+                                float inv_t, const float* norm, const bool* row_valid, float* dst) {
   if (!row_is_valid(row_valid, r)) {
     std::fill(dst, dst + n, 0.f);
     return;
   }
   load_block(row_ptr<scalar_t>(view, G, r) + v0, n, inv_t, dst);
-  const Vec vl(shift[r]);
+  const math::ProbNorm nr = math::load_norm(norm, r);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) VecOps::exp(Vec::loadu(dst + i) - vl).store(dst + i);
-  for (; i < n; ++i) dst[i] = ::expf(dst[i] - shift[r]);
+  for (; i + kLanes <= n; i += kLanes) math::softmax_prob<VecOps>(Vec::loadu(dst + i), nr).store(dst + i);
+  for (; i < n; ++i) dst[i] = math::softmax_prob<ScalarOps>(dst[i], nr);
 }
 
-// out[r] = reduce(row r) for the valid rows, +inf for the masked ones.
+// norm's row r = reduce(row r) for the valid rows, masked_row_norm() for the masked ones.
 template <typename scalar_t, typename RowReduce>
 void reduce_rows(const RowsView& view, int64_t rows, int64_t G, int64_t V, float inv_t,
-                 const bool* row_valid, float* out, RowReduce reduce) {
+                 const bool* row_valid, float* norm, RowReduce reduce) {
   at::parallel_for(0, rows, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(kBlock);
     for (int64_t r = begin; r < end; ++r) {
-      out[r] = row_is_valid(row_valid, r) ? reduce(row_ptr<scalar_t>(view, G, r), V, inv_t, buf.data())
-                                          : INFINITY;
+      math::store_norm(norm, r, row_is_valid(row_valid, r)
+                                    ? reduce(row_ptr<scalar_t>(view, G, r), V, inv_t, buf.data())
+                                    : math::masked_row_norm());
     }
   });
 }
@@ -166,12 +169,12 @@ PK_FLATTEN void slope_rows(const float* x, int64_t nr, const float* y, const flo
   }
 }
 
-// lse_s / lse_t = reduce(row) of both sides' rows (row_lse, or row_max for the squared
+// norm_s / norm_t = reduce(row) of both sides' rows (row_norm, or row_max for the squared
 // distance's slabs).
 template <typename scalar_t, typename RowReduce>
 void reduce_both_sides(const CdistForwardArgs& a, RowReduce reduce) {
-  reduce_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.lse_s, reduce);
-  reduce_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.lse_t, reduce);
+  reduce_rows<scalar_t>(a.student, a.Bt * a.Gs, a.Gs, a.V, a.inv_t, a.row_valid, a.norm_s, reduce);
+  reduce_rows<scalar_t>(a.teacher, a.Bt * a.Gt, a.Gt, a.V, a.inv_t, a.row_valid, a.norm_t, reduce);
 }
 
 template <typename scalar_t>
@@ -180,7 +183,7 @@ void prob_slab(const ProbSlabArgs& a) {
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* p = a.out + r * a.n;
-      row_block_probs<scalar_t>(a.x, a.G, r, a.v0, a.n, a.inv_t, a.shift, a.row_valid, p);
+      row_block_probs<scalar_t>(a.x, a.G, r, a.v0, a.n, a.inv_t, a.norm, a.row_valid, p);
       if (a.sq_norm == nullptr && a.row_sum == nullptr) continue;
       Vec acc_sq(0.f), acc(0.f);  // while the row is in L1: saves a pass and a temporary per slab
       float tail_sq = 0.f, tail = 0.f;
@@ -214,7 +217,7 @@ void sqeuclidean_grad(const SqEuclideanGradArgs& a) {
         const int64_t m = std::min(kBlock, a.n - c0);
         float* p = buf.data();
         const float* wy = a.wy + r * a.n + c0;
-        row_block_probs<scalar_t>(a.x, a.G, r, a.v0 + c0, m, a.inv_t, a.lse, a.row_valid, p);
+        row_block_probs<scalar_t>(a.x, a.G, r, a.v0 + c0, m, a.inv_t, a.norm, a.row_valid, p);
         int64_t k = 0;
         for (; k + kLanes <= m; k += kLanes) {
           const Vec pv = Vec::loadu(p + k);
@@ -230,7 +233,7 @@ void sqeuclidean_grad(const SqEuclideanGradArgs& a) {
 template <typename scalar_t, int64_t Cost>
 void cdist_forward(const CdistForwardArgs& a) {
   const int64_t V = a.V, Gs = a.Gs, Gt = a.Gt;
-  reduce_both_sides<scalar_t>(a, row_lse<scalar_t>);
+  reduce_both_sides<scalar_t>(a, row_norm<scalar_t>);
   const int64_t tiles = (Gs + kTile - 1) / kTile;
   at::parallel_for(0, a.Bt * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(kTile * kVBlock), p(kVBlock), accC(kTile * Gt), accA(kTile * Gt);
@@ -242,11 +245,11 @@ void cdist_forward(const CdistForwardArgs& a) {
       for (int64_t v0 = 0; v0 < V; v0 += kVBlock) {
         const int64_t n = std::min(kVBlock, V - v0);
         for (int64_t ii = 0; ii < ni; ++ii) {
-          row_block_probs<scalar_t>(a.student, Gs, b * Gs + i0 + ii, v0, n, a.inv_t, a.lse_s,
+          row_block_probs<scalar_t>(a.student, Gs, b * Gs + i0 + ii, v0, n, a.inv_t, a.norm_s,
                                     a.row_valid, q.data() + ii * kVBlock);
         }
         for (int64_t j = 0; j < Gt; ++j) {
-          row_block_probs<scalar_t>(a.teacher, Gt, b * Gt + j, v0, n, a.inv_t, a.lse_t,
+          row_block_probs<scalar_t>(a.teacher, Gt, b * Gt + j, v0, n, a.inv_t, a.norm_t,
                                     a.row_valid, p.data());
           for (int64_t ii = 0; ii < ni; ii += kRowBlock) {
             const int64_t nr = std::min(kRowBlock, ni - ii);
@@ -278,12 +281,12 @@ void cdist_backward(const CdistBackwardArgs& a) {
       for (int64_t v0 = 0; v0 < V; v0 += kVBlockBwd) {
         const int64_t n = std::min(kVBlockBwd, V - v0);
         for (int64_t ii = 0; ii < ni; ++ii) {
-          row_block_probs<scalar_t>(a.x, Gx, b * Gx + i0 + ii, v0, n, a.inv_t, a.lse_x,
+          row_block_probs<scalar_t>(a.x, Gx, b * Gx + i0 + ii, v0, n, a.inv_t, a.norm_x,
                                     a.row_valid, x.data() + ii * kVBlockBwd);
         }
         std::fill(g.begin(), g.end(), 0.f);
         for (int64_t j = 0; j < Gy; ++j) {
-          row_block_probs<scalar_t>(a.y, Gy, b * Gy + j, v0, n, a.inv_t, a.lse_y, a.row_valid,
+          row_block_probs<scalar_t>(a.y, Gy, b * Gy + j, v0, n, a.inv_t, a.norm_y, a.row_valid,
                                     y.data());
           for (int64_t ii = 0; ii < ni; ii += kRowBlock) {
             const int64_t nr = std::min(kRowBlock, ni - ii);

@@ -21,8 +21,8 @@ struct CdistForwardArgs {
   float inv_t;
   float* C;      // [Bt, Gs, Gt]
   float* A;      // [Bt, Gs, Gt]
-  float* lse_s;  // [Bt*Gs]; softmax_cdist_max_kernel writes the rows' maxima here
-  float* lse_t;  // [Bt*Gt]
+  float* norm_s;  // [Bt*Gs, kNormWidth] ProbNorm; softmax_cdist_max_kernel writes (max, 1)
+  float* norm_t;  // [Bt*Gt, kNormWidth]
 };
 
 struct CdistBackwardArgs {
@@ -33,23 +33,24 @@ struct CdistBackwardArgs {
   int64_t cost;
   float inv_t;
   const float* weight;  // [Bt, Gx, Gy]
-  const float* lse_x;   // [Bt*Gx]
-  const float* lse_y;   // [Bt*Gy]
+  const float* norm_x;  // [Bt*Gx, kNormWidth] ProbNorm
+  const float* norm_y;  // [Bt*Gy, kNormWidth]
   const float* dot_x;   // [Bt*Gx]
   void* grad_x;         // [Bt, Gx, V] contiguous, x's dtype
 };
 
-// exp(z inv_t - shift) of the rows of one side over the columns [v0, v0 + n): out[r, k] for
-// every row r of the [Bt, G, V] view (zeros on masked rows), fp32, row stride n: the
-// probabilities when shift is the row's lse, or the forward's unnormalised terms when it is the
-// row's max (normalised afterwards, so the forward needs no exp pass for the lse). The squared
-// distance on CPU is matrix products of such slabs (BLAS), one slab of columns at a time.
+// exp(z inv_t - m) / S of the rows of one side over the columns [v0, v0 + n): out[r, k] for
+// every row r of the [Bt, G, V] view (zeros on masked rows), fp32, row stride n, with
+// (m, 1 / S) the row's ProbNorm: the probabilities, or with 1 / S = 1 (as
+// softmax_cdist_max_kernel leaves it) the forward's unnormalised terms (normalised afterwards,
+// so the forward needs no exp pass for the sums). The squared distance on CPU is matrix
+// products of such slabs (BLAS), one slab of columns at a time.
 struct ProbSlabArgs {
   c10::ScalarType dtype;
   int64_t rows, G, V;
   RowsView x;
   const bool* row_valid;
-  const float* shift;  // [rows]
+  const float* norm;  // [rows, kNormWidth] ProbNorm
   float inv_t;
   int64_t v0, n;
   float* out;      // [rows, n]
@@ -65,7 +66,7 @@ struct SqEuclideanGradArgs {
   int64_t rows, G, V;
   RowsView x;
   const bool* row_valid;
-  const float* lse;      // [rows]
+  const float* norm;     // [rows, kNormWidth] ProbNorm
   const float* w_total;  // [rows]: sum_j W_ij
   const float* dot;      // [rows]
   const float* wy;       // [rows, n]

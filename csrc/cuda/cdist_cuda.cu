@@ -5,7 +5,8 @@
 // A portable kernel (any sm_80+ GPU, plain FP32 FMA; the Triton backend is the one that puts
 // the squared distance on tensor cores):
 //
-//  1. lse: one block per row, strided online max / sum-exp, merged over the block.
+//  1. normalisers: one block per row, strided online max / sum-exp, merged over the block,
+//     kept as (m, 1 / S) (pk_math.h ProbNorm, kNormWidth floats per row).
 //  2. forward: one block per (batch, 32 x 32 tile of (i, j) pairs), 16 x 16 threads each with
 //     2 x 2 pairs. Per 32-wide vocabulary step the tile's 32 + 32 rows of probabilities are
 //     computed once into shared memory (exps: 1/16 of the pair work), then every thread
@@ -54,17 +55,17 @@ Rows<scalar_t> rows_of(const at::Tensor& x) {
 
 __device__ __forceinline__ bool row_ok(const bool* valid, int64_t r) { return valid == nullptr || valid[r]; }
 
-// ---------------------------------------------------------------------------------- lse
+// ---------------------------------------------------------------------------- normalisers
 struct LseAcc {
   float m, s;
 };
 
-constexpr int kLseThreads = 256;
+constexpr int kNormThreads = 256;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kLseThreads) lse_kernel(Rows<scalar_t> x, int64_t V, float inv_t,
-                                                          const bool* valid, float* lse) {
-  __shared__ LseAcc sh[kLseThreads / cuda_rows::kWarp];
+__global__ void __launch_bounds__(kNormThreads) norm_kernel(Rows<scalar_t> x, int64_t V, float inv_t,
+                                                           const bool* valid, float* norm) {
+  __shared__ LseAcc sh[kNormThreads / cuda_rows::kWarp];
   const int64_t r = blockIdx.x;
   const int64_t b = r / x.G;
   const scalar_t* row = x.row(b, r - b * x.G);
@@ -75,18 +76,21 @@ __global__ void __launch_bounds__(kLseThreads) lse_kernel(Rows<scalar_t> x, int6
   acc = cuda_rows::block_reduce(acc, sh, LseAcc{-INFINITY, 0.f}, [](LseAcc& a, const LseAcc& o) {
     math::lse_merge(a.m, a.s, o.m, o.s);
   });
-  if (threadIdx.x == 0) lse[r] = row_ok(valid, r) ? math::lse_value(acc.m, acc.s) : INFINITY;
+  if (threadIdx.x == 0) {
+    math::store_norm(norm, r, row_ok(valid, r) ? math::prob_norm(acc.m, acc.s) : math::masked_row_norm());
+  }
 }
 
 // Probability of element v of row i (b fixed), 0 outside the rows / vocabulary and on masked rows.
 template <typename scalar_t>
 __device__ __forceinline__ float prob_at(const Rows<scalar_t>& x, int64_t b, int64_t i, int64_t v,
-                                         int64_t V, float inv_t, const float* lse,
+                                         int64_t V, float inv_t, const float* norm,
                                          const bool* valid) {
   if (i >= x.G || v >= V) return 0.f;
   const int64_t r = b * x.G + i;
   if (!row_ok(valid, r)) return 0.f;
-  return ::expf(static_cast<float>(x.row(b, i)[v]) * inv_t - lse[r]);
+  return math::softmax_prob<ScalarOps>(static_cast<float>(x.row(b, i)[v]) * inv_t,
+                                       math::load_norm(norm, r));
 }
 
 // ---------------------------------------------------------------------------------- forward
@@ -96,7 +100,7 @@ constexpr int kVStep = 32;  // vocabulary elements per shared-memory step
 template <typename scalar_t, int64_t Cost>
 __global__ void __launch_bounds__(256) cdist_fwd_kernel(Rows<scalar_t> s, Rows<scalar_t> t, int64_t V,
                                                         float inv_t, const bool* valid,
-                                                        const float* lse_s, const float* lse_t,
+                                                        const float* norm_s, const float* norm_t,
                                                         int64_t tiles_i, int64_t tiles_j, float* C,
                                                         float* A) {
   __shared__ float qs[kTile][kVStep + 1];
@@ -110,8 +114,8 @@ __global__ void __launch_bounds__(256) cdist_fwd_kernel(Rows<scalar_t> s, Rows<s
   for (int64_t v0 = 0; v0 < V; v0 += kVStep) {
     for (int e = threadIdx.x; e < kTile * kVStep; e += blockDim.x) {
       const int row = e / kVStep, col = e % kVStep;
-      qs[row][col] = prob_at(s, b, i0 + row, v0 + col, V, inv_t, lse_s, valid);
-      ps[row][col] = prob_at(t, b, j0 + row, v0 + col, V, inv_t, lse_t, valid);
+      qs[row][col] = prob_at(s, b, i0 + row, v0 + col, V, inv_t, norm_s, valid);
+      ps[row][col] = prob_at(t, b, j0 + row, v0 + col, V, inv_t, norm_t, valid);
     }
     __syncthreads();
 #pragma unroll 8
@@ -152,7 +156,7 @@ constexpr int kRowsPerThread = kBwdRows / (256 / kBwdCols);  // 8
 template <typename scalar_t, int64_t Cost>
 __global__ void __launch_bounds__(256) cdist_bwd_kernel(Rows<scalar_t> x, Rows<scalar_t> y, int64_t V,
                                                         float inv_t, const bool* valid,
-                                                        const float* lse_x, const float* lse_y,
+                                                        const float* norm_x, const float* norm_y,
                                                         const float* weight, const float* dot_x,
                                                         int64_t tiles_i, int64_t tiles_v,
                                                         scalar_t* grad) {
@@ -167,13 +171,13 @@ __global__ void __launch_bounds__(256) cdist_bwd_kernel(Rows<scalar_t> x, Rows<s
   float xv[kRowsPerThread], g[kRowsPerThread];
 #pragma unroll
   for (int k = 0; k < kRowsPerThread; ++k) {
-    xv[k] = prob_at(x, b, i0 + row0 + 4 * k, v, V, inv_t, lse_x, valid);
+    xv[k] = prob_at(x, b, i0 + row0 + 4 * k, v, V, inv_t, norm_x, valid);
     g[k] = 0.f;
   }
   for (int64_t j0 = 0; j0 < y.G; j0 += kTile) {
     for (int e = threadIdx.x; e < kTile * kBwdCols; e += blockDim.x) {
       const int row = e / kBwdCols, c = e % kBwdCols;
-      ys[row][c] = prob_at(y, b, j0 + row, v0 + c, V, inv_t, lse_y, valid);
+      ys[row][c] = prob_at(y, b, j0 + row, v0 + c, V, inv_t, norm_y, valid);
     }
     for (int e = threadIdx.x; e < kBwdRows * kTile; e += blockDim.x) {
       const int row = e / kTile, c = e % kTile;
@@ -216,12 +220,12 @@ unsigned int grid_blocks(int64_t n, const char* what) {
 }
 
 template <typename scalar_t>
-void launch_lse(const at::Tensor& x, float inv_t, const bool* valid, at::Tensor& lse) {
+void launch_norm(const at::Tensor& x, float inv_t, const bool* valid, at::Tensor& norm) {
   const int64_t rows = x.size(0) * x.size(1);
   if (rows == 0) return;
-  lse_kernel<scalar_t><<<grid_blocks(rows, "the rows' lse"), kLseThreads, 0,
-                         c10::cuda::getCurrentCUDAStream()>>>(rows_of<scalar_t>(x), x.size(2), inv_t,
-                                                              valid, lse.data_ptr<float>());
+  norm_kernel<scalar_t><<<grid_blocks(rows, "the rows' normalisers"), kNormThreads, 0,
+                          c10::cuda::getCurrentCUDAStream()>>>(rows_of<scalar_t>(x), x.size(2), inv_t,
+                                                               valid, norm.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -233,13 +237,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cdist_forward
   check_cdist_pair(student, teacher, row_valid, cost, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t Bt = student.size(0), Gs = student.size(1), Gt = teacher.size(1), V = student.size(2);
-  at::Tensor C, A, lse_s, lse_t;  // named, not structured bindings: the launch lambda captures them
-  std::tie(C, A, lse_s, lse_t) = cdist_outputs(student, teacher);
+  at::Tensor C, A, norm_s, norm_t;  // named, not structured bindings: the launch lambda captures them
+  std::tie(C, A, norm_s, norm_t) = cdist_outputs(student, teacher);
   const float inv_t = static_cast<float>(inv_temperature);
   const bool* valid = valid_ptr(row_valid);
   PK_DISPATCH_LOGIT_TYPES(student.scalar_type(), "softmax_cdist_forward_cuda", [&] {
-    launch_lse<scalar_t>(student, inv_t, valid, lse_s);
-    launch_lse<scalar_t>(teacher, inv_t, valid, lse_t);
+    launch_norm<scalar_t>(student, inv_t, valid, norm_s);
+    launch_norm<scalar_t>(teacher, inv_t, valid, norm_t);
     if (C.numel() == 0) return;
     const int64_t ti = ceil_div(Gs, kTile), tj = ceil_div(Gt, kTile);
     const auto blocks = grid_blocks(Bt * ti * tj, "the cost matrix");
@@ -247,19 +251,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cdist_forward
                                         : cdist_fwd_kernel<scalar_t, math::kCostSqEuclidean>;
     kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         rows_of<scalar_t>(student), rows_of<scalar_t>(teacher), V, inv_t, valid,
-        lse_s.const_data_ptr<float>(), lse_t.const_data_ptr<float>(), ti, tj,
+        norm_s.const_data_ptr<float>(), norm_t.const_data_ptr<float>(), ti, tj,
         C.data_ptr<float>(), A.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {C, A, lse_s, lse_t};
+  return {C, A, norm_s, norm_t};
 }
 
 at::Tensor softmax_cdist_backward_cuda(const at::Tensor& weight, const at::Tensor& x,
-                                       const at::Tensor& y, const at::Tensor& lse_x,
-                                       const at::Tensor& lse_y, const at::Tensor& dot_x,
+                                       const at::Tensor& y, const at::Tensor& norm_x,
+                                       const at::Tensor& norm_y, const at::Tensor& dot_x,
                                        const std::optional<at::Tensor>& row_valid, int64_t cost,
                                        double inv_temperature) {
-  check_cdist_backward(weight, x, y, lse_x, lse_y, dot_x, row_valid, cost, c10::DeviceType::CUDA);
+  check_cdist_backward(weight, x, y, norm_x, norm_y, dot_x, row_valid, cost, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t Bt = x.size(0), Gx = x.size(1), V = x.size(2);
   at::Tensor grad = at::empty({Bt, Gx, V}, x.options());
@@ -272,7 +276,7 @@ at::Tensor softmax_cdist_backward_cuda(const at::Tensor& weight, const at::Tenso
                                         : cdist_bwd_kernel<scalar_t, math::kCostSqEuclidean>;
     kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         rows_of<scalar_t>(x), rows_of<scalar_t>(y), V, inv_t, valid_ptr(row_valid),
-        lse_x.const_data_ptr<float>(), lse_y.const_data_ptr<float>(),
+        norm_x.const_data_ptr<float>(), norm_y.const_data_ptr<float>(),
         weight.const_data_ptr<float>(), dot_x.const_data_ptr<float>(), ti, tv,
         grad.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
