@@ -28,7 +28,7 @@ _LIB = "pykernels"
 # (max, log sum-exp against it), then the divergence's two row scalars or the entropy.
 STATS_WIDTH = 6
 LOGPROB_STATS_WIDTH = 3
-NORM_WIDTH = 2  # a cdist row's softmax normaliser (max, log sum): pk_math.h kNormWidth
+NORM_WIDTH = 2  # a cdist row's softmax normaliser (max, 1 / sum-exp): pk_math.h ProbNorm
 
 
 def _rows(student: torch.Tensor) -> int:

@@ -87,9 +87,8 @@ __device__ __forceinline__ RowStats empty_stats() {
 
 // Online log-sum-exp over a chunk: one rescale per chunk and one exp per element instead
 // of lse_push's two exps per element (the exp unit, not HBM, would otherwise bound 16-bit
-// inputs). Same value as N lse_push calls up to rounding. Unlike lse_push it also keeps a
-// NaN met while the running max is still -inf (lse_push drops it there), so NaN logits
-// always reach the normaliser and the loss.
+// inputs). Same value as N lse_push calls up to rounding; like lse_push it keeps a NaN met
+// while the running max is still -inf, so NaN logits always reach the normaliser and the loss.
 template <int N>
 __device__ __forceinline__ void lse_push_chunk(float& m, float& s, const float (&x)[N]) {
   float cm = m;
