@@ -198,6 +198,26 @@ def test_softmax_cdist_strided_rows_no_copy(cpu_backend, monkeypatch):
     _assert_close(gt, rgt, GRAD_REL[FP32], "strided teacher grad")
 
 
+def test_softmax_cdist_sqeuclidean_many_slabs():
+    """The CPU squared distance walks the vocabulary in column slabs of about 8 MB over all
+    rows (1984 columns for 1040 rows): 130 groups of 4 + 4 rows of V = 5000 take two full slabs
+    and a ragged one; against the float64 oracle, values and both gradients."""
+    pk = H.pk()
+    if "cpu" not in pk.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    s = H.make_logits((130, 4, 5000), FP32, seed=41, scale=3.0)
+    t = H.make_logits((130, 4, 5000), FP32, seed=42, scale=3.0)
+    grad_c = H.make_logits((130, 4, 4), FP32, seed=43, scale=1.0)
+    C, gs, gt = _cdist_grads(
+        lambda a, b: pk.softmax_cdist(a, b, cost="sqeuclidean", temperature=1.5, backend="cpu"),
+        s, t, grad_c)
+    rC, rgs, rgt = _oracle_cdist(s, t, "sqeuclidean", 1.5, grad_c)
+    _assert_c_close(C, rC, "many slabs C")
+    floor = _cdist_floor(grad_c, 1.5)
+    _assert_close(gs, rgs, GRAD_REL[FP32], "many slabs student grad", floor)
+    _assert_close(gt, rgt, GRAD_REL[FP32], "many slabs teacher grad", floor)
+
+
 @pytest.mark.parametrize("cost", COSTS)
 def test_softmax_cdist_cpu_rows_2_31_elements_apart(cost):
     """64-bit row offsets in the CPU cdist kernels: bf16 rows 2**31 + 7 elements apart in one
