@@ -182,15 +182,37 @@ PK_HD void skew_grad(const DivParams& P, V q, V p, V pq_m, V gp_base, float r0, 
 }
 
 // Forward KL straight from the statistics pass (no second pass): with e = exp(t - m_t),
-// KL(p||q) = sum e (t - s) / S_t - lse_p + lse_q, and lse_q - lse_p = (m_s - m_t) + log(S_s / S_t)
-// so that no log-sum-exp of the logits' magnitude is rounded. `fkl_cross_term` is one element
-// of the first sum (0 where e = 0, so a -inf teacher entry adds nothing).
+// c = sum e ((t - m_t) - (s - r_s)) and r_s the student's reference (fkl_student_ref),
+// KL(p||q) = c / S_t + log(S_s / S_t). Each element is measured from its own side's max, as
+// eager's log_softmax does, never as t - s: when the two models' logits sit at different
+// levels, t - s is the size of that gap, and its rounding, of the gap's size (300 * 6e-8),
+// would not cancel against the normalisers' difference (2-5 % of a KL of 1e-3 at a gap of 300).
+// `fkl_cross_term` is one element of c, 0 where e = 0, so a -inf teacher entry adds nothing.
 template <class Ops, class V>
-PK_HD V fkl_cross_term(V e_t, V t, V s) {
-  return xmul0<Ops, V>(e_t, t - s);
+PK_HD V fkl_cross_term(V e_t, V t_minus_mt, V s_minus_rs) {
+  return xmul0<Ops, V>(e_t, t_minus_mt - s_minus_rs);
 }
-PK_HD float fkl_from_cross(float cross, float m_t, float sum_t, float m_s, float sum_s) {
-  return cross / sum_t + (m_s - m_t) + ::logf(sum_s / sum_t);
+// The student logits' reference in c: their running max, or 0 while it is -inf (every student
+// entry so far is -inf; their terms are +inf or 0 whatever the reference, and s - m_s would be
+// -inf - -inf = NaN).
+PK_HD float fkl_student_ref(float m_s) { return m_s == -INFINITY ? 0.f : m_s; }
+// Moving c's references from (m_t, r_s) to (m_t', r_s'): e scales by f = exp(m_t - m_t') and
+// each term's difference changes by (r_s' - r_s) - (m_t' - m_t), so c' = f (c + shift l_t)
+// with l_t = sum e at the old max. Returns the shift and sets f; an unchanged reference
+// (including -inf == -inf, where c and l_t are still 0) contributes exactly 0 and 1.
+PK_HD float fkl_cross_shift(float mt_old, float mt_new, float rs_old, float rs_new, float& f) {
+  const bool t_same = mt_old == mt_new;
+  f = t_same ? 1.f : ::expf(mt_old - mt_new);
+  return (rs_old == rs_new ? 0.f : rs_new - rs_old) - (t_same ? 0.f : mt_new - mt_old);
+}
+// c' = f (c + shift l_t); xmul0 keeps an empty sum at 0 (l_t = 0 with an infinite shift) and
+// drops a +inf c (q = 0 < p) whose factor underflowed to 0 (those p are 0).
+template <class Ops, class V>
+PK_HD V fkl_cross_rebase(V c, V l_t, float shift, float f) {
+  return xmul0<Ops, V>(Ops::splat(f), c + xmul0<Ops, V>(l_t, Ops::splat(shift)));
+}
+PK_HD float fkl_from_cross(float cross, float sum_t, float sum_s) {
+  return cross / sum_t + ::logf(sum_s / sum_t);
 }
 
 // ---- forward: per-element accumulators, then per-row finalisation ----

@@ -98,6 +98,24 @@ def _rescale(m_old, m_new):
 
 
 @triton.jit
+def _fkl_student_ref(m_s):
+    # the student's reference in forward KL's cross sum (fkl_student_ref in pk_math.h): its
+    # running max, 0 while that is -inf (s - m_s would be -inf - -inf = NaN)
+    return tl.where(m_s == float("-inf"), 0.0, m_s)
+
+
+@triton.jit
+def _fkl_cross_rebase(cross, l_t, m_t_old, m_t_new, r_s_old, r_s_new):
+    # the cross sum moved to new references (fkl_cross_shift / fkl_cross_rebase in pk_math.h):
+    # f (c + ((r_s' - r_s) - (m_t' - m_t)) l_t), an unchanged reference adding exactly 0
+    t_same = m_t_old == m_t_new
+    shift = tl.where(r_s_old == r_s_new, 0.0, r_s_new - r_s_old) - tl.where(
+        t_same, 0.0, m_t_new - m_t_old)
+    f = tl.where(t_same, 1.0, _exp(m_t_old - m_t_new))
+    return _xmul0(f, cross + _xmul0(l_t, shift))
+
+
+@triton.jit
 def _log_probs(s_ptr, t_ptr, cols, mask, inv_t, m_q, ls_q, m_p, ls_p):
     # log q, log p and q, p of one block once the rows' normalisers (max, log sum) are known
     sv = tl.load(s_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
@@ -132,7 +150,7 @@ def _fwd_row(
     l_s = 0.0
     m_t = float("-inf")
     l_t = 0.0
-    cross = 0.0  # sum 2^(tv - m_t) * (tv - sv), rescaled with m_t
+    cross = 0.0  # sum e^(tv - m_t) ((tv - m_t) - (sv - r_s)), r_s = _fkl_student_ref(m_s)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = cols < V
@@ -144,25 +162,24 @@ def _fwd_row(
         # -inf entries give exactly 0 even while the running max is still -inf
         e_s = tl.where(sv == float("-inf"), 0.0, _exp(sv - m_s_new))
         l_s = l_s * _rescale(m_s, m_s_new) + tl.sum(e_s, axis=0)
-        m_s = m_s_new
 
         m_t_new = tl.maximum(m_t, tl.max(tv, axis=0))
         e_t = tl.where(tv == float("-inf"), 0.0, _exp(tv - m_t_new))
-        a_t = _rescale(m_t, m_t_new)
-        l_t = l_t * a_t + tl.sum(e_t, axis=0)
-        m_t = m_t_new
-
         if KIND == 0:
-            # 0 * (t - s) = 0 where e_t = 0 (teacher -inf, or masked lane); an underflowed
-            # scale drops the old sum the same way instead of making inf * 0 = NaN.
-            cross = _xmul0(a_t, cross) + tl.sum(_xmul0(e_t, tv - sv), axis=0)
+            # each side measured from its own max, never t - s (see fkl_cross_term in
+            # pk_math.h); 0 where e_t = 0 (teacher -inf, or masked lane)
+            r_s = _fkl_student_ref(m_s_new)
+            cross = _fkl_cross_rebase(cross, l_t, m_t, m_t_new, _fkl_student_ref(m_s), r_s)
+            cross += tl.sum(_xmul0(e_t, (tv - m_t_new) - (sv - r_s)), axis=0)
+        l_t = l_t * _rescale(m_t, m_t_new) + tl.sum(e_t, axis=0)
+        m_s = m_s_new
+        m_t = m_t_new
 
     ls_q = _log(l_s)
     ls_p = _log(l_t)
 
     if KIND == 0:
-        # lse_q - lse_p as (m_s - m_t) + log(l_s / l_t): no lse of the logits' size is rounded
-        loss = cross / l_t + (m_s - m_t) + _log(l_s / l_t)
+        loss = cross / l_t + _log(l_s / l_t)
         r0 = 0.0
         r1 = loss
     else:

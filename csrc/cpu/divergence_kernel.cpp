@@ -71,11 +71,12 @@ struct BlockAcc {
   Vec s0{0.f}, s1{0.f}, t0{0.f}, t1{0.f}, x0{0.f}, x1{0.f};
 };
 
-// The vector part of one block of pass 1 against reference maxima (vms, vmt). With kTrackMax
-// the block's own maxima are taken in the same loop (vmax_s / vmax_t).
+// The vector part of one block of pass 1 against reference maxima (vms, vmt), and the
+// student reference vrs of the cross sum (fkl_student_ref). With kTrackMax the block's own
+// maxima are taken in the same loop (vmax_s / vmax_t).
 template <bool kCross, bool kKeep, bool kTrackMax, typename scalar_t>
 PK_FLATTEN int64_t pass1_block_vec(const float* sb, const float* tb, int64_t n, Vec vms, Vec vmt,
-                                   bool s_live, bool t_live, float* es, float* et,
+                                   Vec vrs, bool s_live, bool t_live, float* es, float* et,
                                    const Prefetcher<scalar_t>& next, BlockAcc& acc,
                                    Vec& vmax_s, Vec& vmax_t) {
   Vec s0 = acc.s0, s1 = acc.s1, t0 = acc.t0, t1 = acc.t1, x0 = acc.x0, x1 = acc.x1;
@@ -91,7 +92,7 @@ PK_FLATTEN int64_t pass1_block_vec(const float* sb, const float* tb, int64_t n, 
     const Vec e_t = t_live ? VecOps::exp(vt - vmt) : zero;
     as = as + e_s;
     at = at + e_t;
-    if constexpr (kCross) ax = ax + math::fkl_cross_term<VecOps, Vec>(e_t, vt, vs);
+    if constexpr (kCross) ax = ax + math::fkl_cross_term<VecOps, Vec>(e_t, vt - vmt, vs - vrs);
     if constexpr (kKeep) {
       e_s.store(es + i);
       e_t.store(et + i);
@@ -123,7 +124,7 @@ PK_FLATTEN int64_t pass1_block_vec(const float* sb, const float* tb, int64_t n, 
 constexpr float kMaxSlack = 8.f;
 
 // Pass 1 over a row: log-sum-exp of s and t in one read of the input, plus the forward-KL
-// cross sum sum exp(t - max_t) (t - s) when kCross, and the shifted exponentials when kKeep.
+// cross sum c of fkl_cross_term when kCross, and the shifted exponentials when kKeep.
 template <bool kCross, bool kKeep, typename scalar_t>
 Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv_t, Scratch& sc) {
   OnlineSum q_sum, p_sum;
@@ -143,7 +144,10 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
         const float e_t = t_live ? ::expf(tb[j] - p_sum.m) : 0.f;
         q_sum.tail += e_s;
         p_sum.tail += e_t;
-        if constexpr (kCross) cross_tail += math::fkl_cross_term<ScalarOps, float>(e_t, tb[j], sb[j]);
+        if constexpr (kCross) {
+          cross_tail += math::fkl_cross_term<ScalarOps, float>(
+              e_t, tb[j] - p_sum.m, sb[j] - math::fkl_student_ref(q_sum.m));
+        }
         if constexpr (kKeep) {
           es[j] = e_s;
           et[j] = e_t;
@@ -160,7 +164,8 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
       BlockAcc part;
       Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
       const int64_t nv = pass1_block_vec<kCross, kKeep, true>(
-          sb, tb, n, Vec(q_sum.m), Vec(p_sum.m), true, true, es, et, next, part, vmax_s, vmax_t);
+          sb, tb, n, Vec(q_sum.m), Vec(p_sum.m), Vec(q_sum.m), true, true, es, et, next, part,
+          vmax_s, vmax_t);
       float bmax_s = hmax(vmax_s), bmax_t = hmax(vmax_t);
       for (int64_t j = nv; j < n; ++j) {
         bmax_s = nan_max(bmax_s, sb[j]);
@@ -180,6 +185,16 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
     // Exact: block maxima first, running sums rebased onto the new maxima.
     const float m_s = nan_max(q_sum.m, block_max(sb, n));
     const float m_t = nan_max(p_sum.m, block_max(tb, n));
+    if constexpr (kCross) {  // before the sums' rebase: the shift uses l_t at the old max
+      if (m_s != q_sum.m || m_t != p_sum.m) {
+        float f;
+        const float shift = math::fkl_cross_shift(p_sum.m, m_t, math::fkl_student_ref(q_sum.m),
+                                                  math::fkl_student_ref(m_s), f);
+        acc.x0 = math::fkl_cross_rebase<VecOps, Vec>(acc.x0, acc.t0, shift, f);
+        acc.x1 = math::fkl_cross_rebase<VecOps, Vec>(acc.x1, acc.t1, shift, f);
+        cross_tail = math::fkl_cross_rebase<ScalarOps, float>(cross_tail, p_sum.tail, shift, f);
+      }
+    }
     if (m_s != q_sum.m) {
       const float f = q_sum.rebase(m_s);
       acc.s0 = acc.s0 * Vec(f);
@@ -189,18 +204,13 @@ Pass1 row_pass1(const scalar_t* srow, const scalar_t* trow, int64_t V, float inv
       const float f = p_sum.rebase(m_t);
       acc.t0 = acc.t0 * Vec(f);
       acc.t1 = acc.t1 * Vec(f);
-      if constexpr (kCross) {  // an underflowed factor drops an inf sum, not NaN
-        acc.x0 = math::xmul0<VecOps, Vec>(Vec(f), acc.x0);
-        acc.x1 = math::xmul0<VecOps, Vec>(Vec(f), acc.x1);
-        cross_tail = math::xmul0<ScalarOps, float>(f, cross_tail);
-      }
     }
     // While a stream's max is -inf all its entries so far are -inf: they add exactly 0.
     const bool s_live = q_sum.m != -INFINITY, t_live = p_sum.m != -INFINITY;
     Vec unused_s, unused_t;
-    int64_t i = pass1_block_vec<kCross, kKeep, false>(sb, tb, n, Vec(q_sum.m), Vec(p_sum.m),
-                                                      s_live, t_live, es, et, next, acc, unused_s,
-                                                      unused_t);
+    int64_t i = pass1_block_vec<kCross, kKeep, false>(
+        sb, tb, n, Vec(q_sum.m), Vec(p_sum.m), Vec(math::fkl_student_ref(q_sum.m)), s_live,
+        t_live, es, et, next, acc, unused_s, unused_t);
     finish_block(i, s_live, t_live);
   }
   q_sum.lanes = acc.s0 + acc.s1;
@@ -441,7 +451,7 @@ void forward_rows(const DivForwardArgs& a) {
       const Pass1 p1 = row_pass1(srow, trow, V, a.inv_t, fkl, sc);
       float acc0, acc1 = 0.f, acc2 = 0.f;
       if (fkl) {
-        acc0 = math::fkl_from_cross(p1.cross, p1.np.m, p1.sum_p, p1.nq.m, p1.sum_q);
+        acc0 = math::fkl_from_cross(p1.cross, p1.sum_p, p1.sum_q);
       } else {
         row_pass2(P, srow, trow, V, a.inv_t, p1, sc, acc0, acc1, acc2);
       }

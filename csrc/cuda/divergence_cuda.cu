@@ -78,7 +78,7 @@ struct RowArgs {
 struct RowStats {
   float mq, sq;  // student running max / scaled sum-exp
   float mt, st;  // teacher running max / scaled sum-exp
-  float cross;   // forward KL only: sum exp(t - mt) (t - s), scaled like st
+  float cross;   // forward KL only: c of fkl_cross_term against (mt, fkl_student_ref(mq))
 };
 
 __device__ __forceinline__ RowStats empty_stats() {
@@ -106,56 +106,61 @@ __device__ __forceinline__ void lse_push_chunk(float& m, float& s, const float (
   m = cm;
 }
 
-// Teacher side of forward KL: the sum-exp plus the cross sum fkl_cross_term, which shares
-// the teacher's exponentials and max. The cross sum is rescaled with xmul0 because it is
-// +inf where q = 0 < p, and a rescale that underflows to 0 means that p is 0 (0 log 0 = 0).
-// A NaN cross sum always comes with a NaN sum-exp, so xmul0 hides nothing.
+// Forward KL's pass 1 over a chunk: both sum-exps plus the cross sum c (fkl_cross_term),
+// which shares the teacher's exponentials and max and is measured from both sides' maxima, so
+// a move of either rebases it (fkl_cross_shift). While every teacher entry so far is -inf,
+// p = 0 and c stays 0 whatever the student's reference does.
 template <int N>
-__device__ __forceinline__ void lse_cross_push_chunk(float& m, float& s, float& c,
-                                                     const float (&t)[N], const float (&sv)[N]) {
-  float cm = m;
+__device__ __forceinline__ void fkl_stats_push_chunk(RowStats& st, const float (&sv)[N],
+                                                     const float (&t)[N]) {
+  const float rs_old = math::fkl_student_ref(st.mq);
+  lse_push_chunk<N>(st.mq, st.sq, sv);
+  const float rs = math::fkl_student_ref(st.mq);
+  float cm = st.mt;
 #pragma unroll
   for (int i = 0; i < N; ++i) cm = t[i] > cm ? t[i] : cm;
-  if (cm == -INFINITY) {  // every teacher entry so far is -inf: p = 0, cross terms are 0
+  if (cm == -INFINITY) {
 #pragma unroll
     for (int i = 0; i < N; ++i)
-      if (t[i] != t[i]) s = t[i];
+      if (t[i] != t[i]) st.st = t[i];
     return;
   }
-  const float scale = ::expf(m - cm);
-  s *= scale;
-  c = math::xmul0<ScalarOps, float>(scale, c);
+  float f;
+  const float shift = math::fkl_cross_shift(st.mt, cm, rs_old, rs, f);
+  st.cross = math::fkl_cross_rebase<ScalarOps, float>(st.cross, st.st, shift, f);
+  st.st *= f;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     const float e = ::expf(t[i] - cm);
-    s += e;
-    c += math::fkl_cross_term<ScalarOps, float>(e, t[i], sv[i]);
+    st.st += e;
+    st.cross += math::fkl_cross_term<ScalarOps, float>(e, t[i] - cm, sv[i] - rs);
   }
-  m = cm;
+  st.mt = cm;
 }
 
 template <int KIND, int N>
 __device__ __forceinline__ void stats_push(RowStats& st, const float (&sv)[N], const float (&tv)[N]) {
-  lse_push_chunk<N>(st.mq, st.sq, sv);
   if constexpr (KIND == math::kForwardKL) {
-    lse_cross_push_chunk<N>(st.mt, st.st, st.cross, tv, sv);
+    fkl_stats_push_chunk<N>(st, sv, tv);
   } else {
+    lse_push_chunk<N>(st.mq, st.sq, sv);
     lse_push_chunk<N>(st.mt, st.st, tv);
   }
 }
 
 template <int KIND>
 __device__ __forceinline__ void stats_merge(RowStats& a, const RowStats& b) {
+  const RowStats a_old = a;
   math::lse_merge(a.mq, a.sq, b.mq, b.sq);
-  const float ma = a.mt;
-  math::lse_merge(a.mt, a.st, b.mt, b.st);  // a.mt is now the merged max
+  math::lse_merge(a.mt, a.st, b.mt, b.st);  // a holds the merged maxima now
   if constexpr (KIND == math::kForwardKL) {
-    if (a.mt == -INFINITY) {
-      a.cross += b.cross;
-    } else {
-      a.cross = math::xmul0<ScalarOps, float>(::expf(ma - a.mt), a.cross) +
-                math::xmul0<ScalarOps, float>(::expf(b.mt - a.mt), b.cross);
-    }
+    const float rs = math::fkl_student_ref(a.mq);
+    float fa, fb;
+    const float shift_a =
+        math::fkl_cross_shift(a_old.mt, a.mt, math::fkl_student_ref(a_old.mq), rs, fa);
+    const float shift_b = math::fkl_cross_shift(b.mt, a.mt, math::fkl_student_ref(b.mq), rs, fb);
+    a.cross = math::fkl_cross_rebase<ScalarOps, float>(a_old.cross, a_old.st, shift_a, fa) +
+              math::fkl_cross_rebase<ScalarOps, float>(b.cross, b.st, shift_b, fb);
   }
 }
 
@@ -286,7 +291,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   if constexpr (KIND == math::kForwardKL) {
     if (tid == 0) {
       float loss, r0, r1;
-      const float kl = math::fkl_from_cross(st.cross, st.mt, st.st, st.mq, st.sq);
+      const float kl = math::fkl_from_cross(st.cross, st.st, st.sq);
       math::div_finalize(P, kl, 0.f, 0.f, loss, r0, r1);
       row_loss[r] = loss;
       math::store_div_stats(st_out, nq, np, r0, r1);
