@@ -65,6 +65,18 @@ def reduce_rows(
     return total / count
 
 
+def check_options(kind: str, param: float | None, temperature: float, ignore_index: int,
+                  reduction: str, backend: str):
+    """The scalar options of a divergence loss, validated (so that DistillationLoss can reject
+    them when it is built, not at its first call)."""
+    if kind not in _kinds.KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {_kinds.KINDS}")
+    if kind in _kinds.KIND_PARAM:
+        param = _validate.unit_interval(_kinds.KIND_PARAM[kind][0], param)
+    return (param, _validate.temperature(temperature), _validate.ignore_index(ignore_index),
+            _validate.reduction(reduction), _validate.backend(backend))
+
+
 def divergence_loss(
     kind: str,
     student_logits: torch.Tensor,
@@ -78,17 +90,12 @@ def divergence_loss(
     backend: str,
 ) -> torch.Tensor:
     _validate.logit_pair(student_logits, teacher_logits)
-    if kind not in _kinds.KINDS:
-        raise ValueError(f"kind={kind!r} is not one of {_kinds.KINDS}")
-    if kind in _kinds.KIND_PARAM:
-        param = _validate.unit_interval(_kinds.KIND_PARAM[kind][0], param)
-    temperature = _validate.temperature(temperature)
+    param, temperature, ignore_index, reduction, backend = check_options(
+        kind, param, temperature, ignore_index, reduction, backend)
     leading_shape = student_logits.shape[:-1]
     _validate.labels(labels, leading_shape, student_logits.device)
-    ignore_index = _validate.ignore_index(ignore_index)
-    reduction = _validate.reduction(reduction)
     num_items_in_batch = _validate.num_items_in_batch(num_items_in_batch, student_logits.device)
-    backend = _backend.resolve_backend(_validate.backend(backend), student_logits)
+    backend = _backend.resolve_backend(backend, student_logits)
 
     call = _kinds.kernel_call(kind, param)
     first, second = (teacher_logits, student_logits) if call.swap else (student_logits, teacher_logits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import functional
+from ._divergence import check_options
 from ._kinds import KINDS, kind_param
 
 
@@ -23,7 +24,10 @@ class DistillationLoss(torch.nn.Module):
         unknown = set(params) - allowed
         if unknown:
             raise TypeError(f"DistillationLoss got unknown keyword(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-        kind_param(kind, params.get("beta"), params.get("alpha"))  # a stray beta / alpha raises now
+        # bad options raise here, not at the first call (a stray beta / alpha too)
+        check_options(kind, kind_param(kind, params.get("beta"), params.get("alpha")),
+                      params.get("temperature", 1.0), params.get("ignore_index", -100),
+                      params.get("reduction", "batchmean"), params.get("backend", "auto"))
         self.kind = kind
         self.params = params
 

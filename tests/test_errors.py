@@ -215,6 +215,22 @@ def test_parameter_the_kind_does_not_take(kind, stray):
         H.pk().nn.DistillationLoss(kind=kind, **{stray: 0.3})
 
 
+@pytest.mark.parametrize("kind,params,named", [
+    ("jsd", {"beta": 2.0}, "beta"),
+    ("skew_forward_kl", {"alpha": -0.5}, "alpha"),
+    ("forward_kl", {"temperature": 0.0}, "temperature"),
+    ("tvd", {"temperature": math.nan}, "temperature"),
+    ("hellinger", {"reduction": "avg"}, "reduction"),
+    ("reverse_kl", {"backend": "gpu"}, "backend"),
+    ("forward_kl", {"ignore_index": 1.5}, "ignore_index"),
+])
+def test_distillation_loss_rejects_bad_options_when_built(kind, params, named):
+    """A module built with a bad option fails where it is built, not at its first call deep
+    inside a training step."""
+    with pytest.raises(BAD, match=named):
+        H.pk().nn.DistillationLoss(kind=kind, **params)
+
+
 # ----------------------------------------------------------------------------- names
 
 
