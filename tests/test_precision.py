@@ -150,6 +150,33 @@ def test_gpu_divergence_of_close_rows_at_different_offsets(backend, kind, shift)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,param", [("jsd", "beta")])
+@pytest.mark.parametrize("w,tol", [(1 - 1e-6, 5e-3), (1 - 1e-4, 1e-4)])
+def test_mixture_weight_near_one(backend, kind, param, w, tol):
+    """1 - w formed in fp32 after rounding w is 1.0133e-6 at w = 1 - 1e-6: 1.3 % off, which went
+    straight into jsd's (1 - w) gradient factor, loss weight and mixture. Rows of different
+    scales (student std 8, teacher std 1), against float64. Eager fp32 (the torch backend)
+    reaches 5.3e-4 and 3.0e-5 of the largest teacher gradient at the two weights; the CPU
+    kernel 3.1e-3 and 2.8e-5 (its log M is formed from the probabilities, not in the log
+    domain), and had 1.3e-2 and 1.6e-4 with 1 - w rounded after w. (The skew kinds at alpha this close to 1 lose their gradients to
+    cancellation in fp32 on every backend, the eager one included: not tested here.)"""
+    g = torch.Generator().manual_seed(31)
+    s = (torch.randn(2, 1025, generator=g, dtype=torch.float64) * 8.0).float()
+    t = torch.randn(2, 1025, generator=g, dtype=torch.float64).float()
+    student, teacher = s.clone().requires_grad_(), t.clone().requires_grad_()
+    got = H.pk().divergence(student, teacher, kind=kind, reduction="none", backend=backend,
+                            **{param: w})
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    want = ref.row_divergence(s64, t64, kind, **{param: w})
+    assert (got.double() - want).abs().max() <= 1e-6 + 1e-4 * want.abs().max()
+    got.sum().backward()
+    want.sum().backward()
+    for name, g32, g64 in (("student", student.grad, s64.grad), ("teacher", teacher.grad, t64.grad)):
+        err = (g32.double() - g64).abs().max() / g64.abs().max()
+        assert err <= tol, f"{kind}/{backend} {param}={w}: {name} gradient off by {err:.2e} of its max"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "tvd"])
 def test_close_rows_whose_max_comes_late(backend, kind):
     """The row max sits past the first 2048 logits, 50 above them (the CPU kernel takes its

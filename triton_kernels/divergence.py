@@ -140,7 +140,7 @@ def _row_base(row, T, stride0, stride1):
 
 @triton.jit
 def _fwd_row(
-    s_ptr, t_ptr, loss_ptr, stats_ptr, row, V, inv_t, w, log_w, log_1mw,
+    s_ptr, t_ptr, loss_ptr, stats_ptr, row, V, inv_t, w, w_c, log_w, log_1mw,
     KIND: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     cols0 = tl.arange(0, BLOCK_V)
@@ -215,7 +215,7 @@ def _fwd_row(
         a1 = tl.sum(acc1, axis=0)
         a2 = tl.sum(acc2, axis=0)
         if KIND == 1:
-            loss = w * a1 + (1.0 - w) * a0
+            loss = w * a1 + w_c * a0
             r0 = a0
             r1 = a1
         elif KIND == 2:
@@ -245,7 +245,7 @@ def _fwd_row(
 def _divergence_fwd_kernel(
     s_ptr, t_ptr, valid_ptr, loss_ptr, stats_ptr,
     T, V, s_stride0, s_stride1, t_stride0, t_stride1,
-    inv_t, w, log_w, log_1mw,
+    inv_t, w, w_c, log_w, log_1mw,
     KIND: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per row r = b*T + t; writes loss[r] and stats[r, 0:6].
@@ -257,7 +257,7 @@ def _divergence_fwd_kernel(
     t_row = t_ptr + _row_base(row, T, t_stride0, t_stride1)
     if HAS_VALID:
         if tl.load(valid_ptr + row) != 0:
-            _fwd_row(s_row, t_row, loss_ptr, stats_ptr, row, V, inv_t, w, log_w, log_1mw,
+            _fwd_row(s_row, t_row, loss_ptr, stats_ptr, row, V, inv_t, w, w_c, log_w, log_1mw,
                      KIND, BLOCK_V)
         else:
             # masked row: zeros, and its logits are never read
@@ -266,7 +266,7 @@ def _divergence_fwd_kernel(
             for k in tl.static_range(6):
                 tl.store(sp + k, 0.0)
     else:
-        _fwd_row(s_row, t_row, loss_ptr, stats_ptr, row, V, inv_t, w, log_w, log_1mw,
+        _fwd_row(s_row, t_row, loss_ptr, stats_ptr, row, V, inv_t, w, w_c, log_w, log_1mw,
                  KIND, BLOCK_V)
 
 
@@ -278,7 +278,7 @@ def _divergence_fwd_kernel(
 @triton.jit
 def _bwd_row(
     s_ptr, t_ptr, gs_ptr, gt_ptr, grad_row_ptr, stats_ptr, row, V, inv_t,
-    w, log_w, log_1mw,
+    w, w_c, log_w, log_1mw,
     KIND: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -301,12 +301,12 @@ def _bwd_row(
             gp = _xmul0(p, (lp - lq) - r1)
         elif KIND == 1:
             lm = _logaddexp(lp + log_w, lq + log_1mw)
-            gq = (1.0 - w) * _xmul0(q, (lq - lm) - r0)
+            gq = w_c * _xmul0(q, (lq - lm) - r0)
             gp = w * _xmul0(p, (lp - lm) - r1)
         elif KIND == 2:
             lm = _logaddexp(lp + log_w, lq + log_1mw)
             pq_m, wp_m = _skew_ratios(p, q, lp, lq, lm, log_w)
-            gq = (1.0 - w) * (q * r0 - pq_m)
+            gq = w_c * (q * r0 - pq_m)
             gp = _xmul0(p, (lp - lm) - wp_m - r1)
         elif KIND == 3:
             sgn = _half_sign(q - p)
@@ -342,7 +342,7 @@ def _bwd_zero_row(gs_ptr, gt_ptr, row, V, STUDENT_GRAD: tl.constexpr,
 def _divergence_bwd_kernel(
     s_ptr, t_ptr, valid_ptr, grad_row_ptr, stats_ptr, gs_ptr, gt_ptr,
     T, V, s_stride0, s_stride1, t_stride0, t_stride1,
-    inv_t, w, log_w, log_1mw,
+    inv_t, w, w_c, log_w, log_1mw,
     KIND: tl.constexpr, HAS_VALID: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -357,12 +357,12 @@ def _divergence_bwd_kernel(
     if HAS_VALID:
         if tl.load(valid_ptr + row) != 0:
             _bwd_row(s_row, t_row, gs_ptr, gt_ptr, grad_row_ptr, stats_ptr, row, V,
-                     inv_t, w, log_w, log_1mw, KIND, STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
+                     inv_t, w, w_c, log_w, log_1mw, KIND, STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
         else:
             _bwd_zero_row(gs_ptr, gt_ptr, row, V, STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
     else:
         _bwd_row(s_row, t_row, gs_ptr, gt_ptr, grad_row_ptr, stats_ptr, row, V,
-                 inv_t, w, log_w, log_1mw, KIND, STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
+                 inv_t, w, w_c, log_w, log_1mw, KIND, STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,9 +402,10 @@ def _div_scalars(kind: int, w: float, inv_t: float):
     if not 0 <= int(kind) < NUM_KINDS:
         raise ValueError(f"unknown divergence kernel kind {kind}")
     w = float(w)
+    w_c = 1.0 - w  # in double: 1 - w of the kernel's fp32 w is 1.3 % off at w = 1 - 1e-6
     log_w = math.log(w) if w > 0.0 else float("-inf")
     log_1mw = math.log1p(-w) if w < 1.0 else float("-inf")
-    return w, log_w, log_1mw, float(inv_t)
+    return w, w_c, log_w, log_1mw, float(inv_t)
 
 
 def _check_inputs(student, teacher, row_valid):
@@ -473,7 +474,7 @@ def divergence_forward(student, teacher, row_valid, kind: int, w: float, inv_t: 
     stats = torch.empty((N, STATS_WIDTH), dtype=torch.float32, device=dev)
     if N == 0:
         return row_loss, stats
-    w, log_w, log_1mw, inv_t = _div_scalars(kind, w, inv_t)
+    w, w_c, log_w, log_1mw, inv_t = _div_scalars(kind, w, inv_t)
     block_v, num_warps = _launch_config(V, dev, _block_v)
     has_valid = row_valid is not None
     wrap = _wrap or _identity
@@ -481,7 +482,7 @@ def divergence_forward(student, teacher, row_valid, kind: int, w: float, inv_t: 
         wrap(_divergence_fwd_kernel)[(N,)](
             student, teacher, row_valid if has_valid else row_loss, row_loss, stats,
             T, V, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-            inv_t, w, log_w, log_1mw,
+            inv_t, w, w_c, log_w, log_1mw,
             KIND=int(kind), HAS_VALID=has_valid, BLOCK_V=block_v, num_warps=num_warps,
         )
     return row_loss, stats
@@ -507,7 +508,7 @@ def divergence_backward(grad_row, student, teacher, row_valid, stats, kind: int,
     gt = torch.empty((B, T, V) if teacher_grad else (0,), dtype=teacher.dtype, device=dev)
     if N == 0 or not (student_grad or teacher_grad):
         return gs, gt
-    w, log_w, log_1mw, inv_t = _div_scalars(kind, w, inv_t)
+    w, w_c, log_w, log_1mw, inv_t = _div_scalars(kind, w, inv_t)
     block_v, num_warps = _launch_config(V, dev, _block_v)
     has_valid = row_valid is not None
     wrap = _wrap or _identity
@@ -517,7 +518,7 @@ def divergence_backward(grad_row, student, teacher, row_valid, stats, kind: int,
             student, teacher, row_valid if has_valid else grad_row, grad_row, stats,
             gs if student_grad else gt, gt if teacher_grad else gs,
             T, V, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-            inv_t, w, log_w, log_1mw,
+            inv_t, w, w_c, log_w, log_1mw,
             KIND=int(kind), HAS_VALID=has_valid, STUDENT_GRAD=bool(student_grad),
             TEACHER_GRAD=bool(teacher_grad), BLOCK_V=block_v, num_warps=num_warps,
         )
