@@ -150,30 +150,34 @@ PK_HD void lse_merge(float& m, float& s, float m2, float s2) {
 
 PK_HD float lse_value(float m, float s) { return m + ::logf(s); }
 
-// Skew KL's mixture terms: log M, p q / M and w p / M, formed in the log domain so that they
-// stay right where p or q underflows in fp32 while its log is finite (at w = 0, p q / M = p
-// even where q = 0.0f). p q / M <= min(p/w, q/(1-w)) and w p / M <= 1, so neither overflows
-// (p / M alone can: it is p / q at w = 0). Where M is exactly 0 both are 0.
+// Skew KL's mixture terms: log M, p q / M and (1 - w) q / M, formed in the log domain so that
+// they stay right where p or q underflows in fp32 while its log is finite (at w = 0, p q / M = p
+// even where q = 0.0f). p q / M <= min(p/w, q/(1-w)) and (1 - w) q / M <= 1, so neither
+// overflows (p / M alone can: it is p / q at w = 0). Where M is exactly 0 both are 0.
 template <class Ops, class V>
-PK_HD void skew_ratios(const DivParams& P, V lq, V lp, V q, V p, V& lm, V& pq_m, V& wp_m) {
+PK_HD void skew_ratios(const DivParams& P, V lq, V lp, V q, V p, V& lm, V& pq_m, V& cq_m) {
   lm = log_mixture<Ops, V>(P, lq, lp, q, p);
   const auto m_zero = Ops::eq(lm, Ops::splat(-INFINITY));
   pq_m = Ops::select(m_zero, Ops::splat(0.f), Ops::exp(lp + lq - lm));
-  wp_m = Ops::select(m_zero, Ops::splat(0.f), Ops::exp(lp + Ops::splat(P.log_w) - lm));
+  cq_m = Ops::select(m_zero, Ops::splat(0.f), Ops::exp(lq + Ops::splat(P.log_1mw) - lm));
 }
 
 // Skew KL split into what the row sums need and what the gradient needs besides q and p:
-// p q / M and gp_base = lp - log M - w p / M. The CPU fused forward keeps those two per element
-// in pass 2, so that its gradient pass has no log or exp left (div_grad recomputes them).
+// p q / M and gp_base = lp - log M + (1 - w) q / M. d KL(p||M) / dp_i = lp - log M + 1 - w p / M,
+// and w p / M = 1 - (1 - w) q / M: written with the latter, the constant 1s, which cancel
+// against the row sum of p (1) in the softmax's centring, are never added, and the teacher
+// gradient p (gp_base - r1), r1 = KL(p||M) + (1 - w) sum p q / M, is no longer a difference of
+// terms near 1 (as w -> 1 the gradient shrinks like 1 - w while they do not: 14-77 times eager's
+// error at w = 0.9-0.999). The CPU fused forward keeps pq_m and gp_base per element in pass 2,
+// so that its gradient pass has no log or exp left (div_grad recomputes them).
 template <class Ops, class V>
-PK_HD void skew_accumulate(const DivParams& P, V lq, V lp, V q, V p, V& a0, V& a1, V& a2, V& pq_m,
+PK_HD void skew_accumulate(const DivParams& P, V lq, V lp, V q, V p, V& a0, V& a1, V& pq_m,
                            V& gp_base) {
-  V lm, wp_m;
-  skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, wp_m);
+  V lm, cq_m;
+  skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, cq_m);
   a0 = a0 + xmul0<Ops, V>(p, lp - lm);  // KL(p||M)
   a1 = a1 + pq_m;                       // sum p q / M
-  a2 = a2 + p * wp_m;                   // sum w p^2 / M
-  gp_base = lp - lm - wp_m;
+  gp_base = lp - lm + cq_m;
 }
 
 template <class Ops, class V>
@@ -236,7 +240,7 @@ PK_HD void div_accumulate(const DivParams& P, V lq, V lp, V q, V p, V& a0, V& a1
     }
     case kSkewForwardKL: {
       V pq_m, gp_base;
-      skew_accumulate<Ops, V>(P, lq, lp, q, p, a0, a1, a2, pq_m, gp_base);
+      skew_accumulate<Ops, V>(P, lq, lp, q, p, a0, a1, pq_m, gp_base);
       break;
     }
     case kTVD: {
@@ -277,7 +281,7 @@ PK_HD void div_finalize(const DivParams& P, float a0, float a1, float a2, float&
     case kSkewForwardKL:
       loss = a0;
       r0 = a1;
-      r1 = a0 - a2;
+      r1 = a0 + P.w_c * a1;
       break;
     case kTVD:
       loss = a0;
@@ -312,9 +316,9 @@ PK_HD void div_grad(const DivParams& P, V lq, V lp, V q, V p, float r0, float r1
       break;
     }
     case kSkewForwardKL: {
-      V lm, pq_m, wp_m;
-      skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, wp_m);
-      skew_grad<Ops, V>(P, q, p, pq_m, lp - lm - wp_m, r0, r1, gq, gp);
+      V lm, pq_m, cq_m;
+      skew_ratios<Ops, V>(P, lq, lp, q, p, lm, pq_m, cq_m);
+      skew_grad<Ops, V>(P, q, p, pq_m, lp - lm + cq_m, r0, r1, gq, gp);
       break;
     }
     case kTVD: {

@@ -65,13 +65,13 @@ def _xmul0(x, d):
 
 
 @triton.jit
-def _skew_ratios(p, q, lp, lq, lm, log_w):
-    # p q / M and w p / M in the log domain (right where p or q underflows but its log is
+def _skew_ratios(p, q, lp, lq, lm, log_1mw):
+    # p q / M and (1 - w) q / M in the log domain (right where p or q underflows but its log is
     # finite), 0 where M is exactly 0; neither overflows. Mirrors skew_ratios in pk_math.h.
     m_zero = lm == float("-inf")
     pq_m = tl.where(m_zero, 0.0, _exp(lp + lq - lm))
-    wp_m = tl.where(m_zero, 0.0, _exp(lp + log_w - lm))
-    return pq_m, wp_m
+    cq_m = tl.where(m_zero, 0.0, _exp(lq + log_1mw - lm))
+    return pq_m, cq_m
 
 
 @triton.jit
@@ -197,10 +197,9 @@ def _fwd_row(
                 acc1 += tl.where(mask, _xmul0(p, lp - lm), 0.0)  # KL(p||M) 
             elif KIND == 2:
                 lm = _logaddexp(lp + log_w, lq + log_1mw)
-                pq_m, wp_m = _skew_ratios(p, q, lp, lq, lm, log_w)
+                pq_m, cq_m = _skew_ratios(p, q, lp, lq, lm, log_1mw)
                 acc0 += tl.where(mask, _xmul0(p, lp - lm), 0.0)  # KL(p||M) 
                 acc1 += tl.where(mask, pq_m, 0.0)  # sum p q / M
-                acc2 += tl.where(mask, p * wp_m, 0.0)  # sum w p^2 / M
             elif KIND == 3:
                 d = q - p
                 sgn = _half_sign(d)
@@ -221,7 +220,7 @@ def _fwd_row(
         elif KIND == 2:
             loss = a0
             r0 = a1
-            r1 = a0 - a2
+            r1 = a0 + w_c * a1  # see skew_accumulate in pk_math.h
         elif KIND == 3:
             loss = a0
             r0 = a1
@@ -305,9 +304,9 @@ def _bwd_row(
             gp = w * _xmul0(p, (lp - lm) - r1)
         elif KIND == 2:
             lm = _logaddexp(lp + log_w, lq + log_1mw)
-            pq_m, wp_m = _skew_ratios(p, q, lp, lq, lm, log_w)
+            pq_m, cq_m = _skew_ratios(p, q, lp, lq, lm, log_1mw)
             gq = w_c * (q * r0 - pq_m)
-            gp = _xmul0(p, (lp - lm) - wp_m - r1)
+            gp = _xmul0(p, ((lp - lm) + cq_m) - r1)
         elif KIND == 3:
             sgn = _half_sign(q - p)
             gq = q * (sgn - r0)

@@ -401,7 +401,7 @@ PK_FLATTEN void row_pass2(const math::DivParams& P, const scalar_t* srow, const 
       const auto [q, p] = probs.vec(i, lq, lp);
       if (keep_skew) {
         Vec pq_m, gp_base;
-        math::skew_accumulate<VecOps, Vec>(P, lq, lp, q, p, v0, v1, v2, pq_m, gp_base);
+        math::skew_accumulate<VecOps, Vec>(P, lq, lp, q, p, v0, v1, pq_m, gp_base);
         pq_m.store(pq_out + i);
         gp_base.store(base_out + i);
       } else {
@@ -413,7 +413,7 @@ PK_FLATTEN void row_pass2(const math::DivParams& P, const scalar_t* srow, const 
       const float lp = math::log_prob<ScalarOps>(tv[i], p1.np);
       const auto [q, p] = probs.scalar(i, lq, lp);
       if (keep_skew) {
-        math::skew_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2, pq_out[i], base_out[i]);
+        math::skew_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, pq_out[i], base_out[i]);
       } else {
         math::div_accumulate<ScalarOps, float>(P, lq, lp, q, p, acc0, acc1, acc2);
       }
