@@ -26,7 +26,7 @@ namespace {
 // Per-thread buffers: the two L1 blocks and, for kinds with a second pass, the row's shifted
 // exponentials with the running max each block was taken against (so pass 2 needs no exp).
 // With keep_skew (skew KL's fused forward) also pass 2's per-element p q / M and
-// lp - log M - w p / M, so the gradient pass needs no log or exp.
+// lp - log M + (1 - w) q / M, so the gradient pass needs no log or exp.
 struct Scratch {
   std::vector<float> data;
   float *sb, *tb, *es, *et, *blk_ms, *blk_mt, *skew_pq, *skew_base;
