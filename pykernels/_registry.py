@@ -228,7 +228,7 @@ _PAIRS["logprob"] = (_fake_logprob_forward, _fake_logprob_backward, _logprob_aut
 # softmax_cdist_forward(student [Bt, Gs, V], teacher [Bt, Gt, V], row_valid, cost, inv_t)
 #   -> (C [Bt, Gs, Gt], A [Bt, Gs, Gt], norm_s [Bt*Gs, NORM_WIDTH], norm_t [Bt*Gt, NORM_WIDTH]),
 #   all fp32, where with q_i, p_j the softmaxes and phi the cost per element (|d| or d^2,
-#   d = q_iv - p_jv): C_ij = sum_v phi(d), A_ij = sum_v q_iv phi'(d); norm: each row's (m, log S).
+#   d = q_iv - p_jv): C_ij = sum_v phi(d), A_ij = sum_v q_iv phi'(d); norm: each row's (m, 1 / S).
 # softmax_cdist_backward(W [Bt, Gx, Gy], x, y, norm_x, norm_y, dot_x, row_valid, cost, inv_t)
 #   -> dz_x = inv_t q_x (sum_j W_ij phi'(q_x,i - q_y,j) - dot_x,i), in x's dtype.
 # phi' is odd, so the teacher gradient is the same op with the sides swapped and W = dC^T.

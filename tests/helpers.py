@@ -85,6 +85,13 @@ def cpu_backends() -> tuple:
     return tuple(pk().available_backends("cpu"))
 
 
+def needs_cpu_extension() -> None:
+    """Skips the calling test, one of the CPU kernels' own, where the C++ extension is not built
+    (the package still works without it, on the Triton and torch backends)."""
+    if "cpu" not in cpu_backends():
+        pytest.skip("the C++ extension is not built")
+
+
 def is_interpreted(backend: str) -> bool:
     """The Triton backend on CPU tensors runs in the (slow) interpreter."""
     return backend == "triton"

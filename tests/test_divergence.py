@@ -674,8 +674,7 @@ def test_cpu_rows_2_31_elements_apart():
     """64-bit row offsets in the CPU kernels: bf16 rows 2**31 + 7 elements apart in one storage
     (row * stride overflows int32), read in place, with student and teacher gradients (the
     storage is untouched virtual memory; the Triton interpreter is left out, as it may copy it)."""
-    if "cpu" not in H.pk().available_backends("cpu"):
-        pytest.skip("the C++ extension is not built")
+    H.needs_cpu_extension()
     s = H.rows_far_apart((2, 3000), BF16, seed=301).requires_grad_(True)
     t = H.rows_far_apart((2, 3000), BF16, seed=302).requires_grad_(True)
     go = torch.tensor([0.7, -1.3])

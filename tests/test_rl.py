@@ -1398,8 +1398,7 @@ def test_cpu_rows_2_31_elements_apart():
     """64-bit row offsets in the CPU token log-prob kernels: bf16 rows 2**31 + 7 elements apart
     in one storage (row * stride overflows int32), read in place; log-probs, entropy and the
     gradient through both, and the K-token form."""
-    if "cpu" not in pk().available_backends("cpu"):
-        pytest.skip("the C++ extension is not built")
+    H.needs_cpu_extension()
     z = H.rows_far_apart((2, 2500), BF16, seed=303).requires_grad_(True)
     tok = torch.tensor([17, 2498])
     logp, ent = pk().token_logprobs(z, tok, return_entropy=True, backend="cpu")

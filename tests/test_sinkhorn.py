@@ -203,8 +203,7 @@ def test_softmax_cdist_sqeuclidean_many_slabs():
     rows (1984 columns for 1040 rows): 130 groups of 4 + 4 rows of V = 5000 take two full slabs
     and a ragged one; against the float64 oracle, values and both gradients."""
     pk = H.pk()
-    if "cpu" not in pk.available_backends("cpu"):
-        pytest.skip("the C++ extension is not built")
+    H.needs_cpu_extension()
     s = H.make_logits((130, 4, 5000), FP32, seed=41, scale=3.0)
     t = H.make_logits((130, 4, 5000), FP32, seed=42, scale=3.0)
     grad_c = H.make_logits((130, 4, 4), FP32, seed=43, scale=1.0)
@@ -224,8 +223,7 @@ def test_softmax_cdist_cpu_rows_2_31_elements_apart(cost):
     storage (row * stride overflows int32), read in place, with both gradients (the storage is
     untouched virtual memory; the Triton interpreter is left out, as it may copy it)."""
     pk = H.pk()
-    if "cpu" not in pk.available_backends("cpu"):
-        pytest.skip("the C++ extension is not built")
+    H.needs_cpu_extension()
     s = H.rows_far_apart((2, 2000), BF16, seed=304).requires_grad_(True)
     t = H.rows_far_apart((2, 2000), BF16, seed=305).requires_grad_(True)
     grad_c = H.make_logits((2, 2), FP32, seed=306, scale=1.0)
